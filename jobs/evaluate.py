@@ -1,0 +1,98 @@
+"""Evaluate a model artifact on a prepared split and write metrics + an HTML report.
+
+    python -m jobs.evaluate --model runs/demo/model --data runs/demo/prepared --split test --out runs/demo/eval
+    python -m jobs.evaluate --model busi-unet --data s3://bucket/busi-prepared --out s3://bucket/eval/busi-unet
+
+Writes into ``--out`` (local directory or ``s3://`` prefix): ``metrics.json`` (summaries overall and
+per class with 95 % bootstrap CIs, false-lesion rate on normal images, model id, data URI, manifest
+sha256), ``per_image.csv`` / ``per_image.parquet`` (Dice, IoU, precision, recall, HD95 per image;
+the Parquet file also holds each predicted mask), and ``report.html`` with its figures (overlays,
+best/worst cases, training curves). Prints the report's path last.
+
+Single process: scoring a test split of a few hundred images needs no cluster. On a Ray cluster,
+submit it unchanged: ``ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.evaluate ...``.
+Bad input (unknown model, wrong URI, incompatible artifact) exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+from unet.cli import run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's arguments (also used by tests and docs to check example command lines)."""
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description="Score a model on a prepared split: per-image metrics, bootstrap CIs, HTML report.",
+    )
+    p.add_argument("--model", required=True,
+                   help="model artifact: pretrained name (e.g. busi-unet), local directory or s3:// URI")
+    p.add_argument("--data", required=True, help="prepared data URI (output of jobs.prepare)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default: test)")
+    p.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs; 0 = none (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the overlay sample (default: 0)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one stored in the model artifact)")
+    p.add_argument("--device", default="auto", help="'auto' = GPU if available (default), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--grid", type=int, default=12, help="images in the overlay grid, class-stratified (default: 12)")
+    p.add_argument("--cases", type=int, default=4, help="best and worst cases shown (default: 4)")
+    p.add_argument("--no-report", action="store_true", help="write metrics and per-image tables only")
+    return p
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0),
+                             ("--grid", args.grid, 0), ("--cases", args.cases, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}; got {value}")
+
+    # Heavy imports after argument parsing so that --help and usage errors are instant.
+    from unet.artifact import load_artifact
+    from unet.evaluation import evaluate, write_outputs
+
+    def log(line: str) -> None:
+        print(f"[evaluate {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+    device = _device(args.device)
+    loaded = load_artifact(args.model, device=device)
+    log(f"model {loaded.model_id} ({loaded.config['architecture']}) on {device}; "
+        f"scoring {args.data} split {args.split}")
+    result = evaluate(loaded, args.data, args.split, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
+                      seed=args.seed, threshold=args.threshold, device=device, model_ref=args.model,
+                      command=shlex.join(["python", "-m", "jobs.evaluate", *argv]), log=log)
+    overall = result.metrics["overall"]
+    flr = result.metrics["false_lesion_rate"]
+    log(f"{overall['images']} images: Dice {overall['dice']['mean']:.4f} "
+        f"[{overall['dice']['ci_low']:.4f}, {overall['dice']['ci_high']:.4f}], "
+        f"IoU {overall['iou']['mean']:.4f}, false-lesion rate {flr['count']}/{flr['images']}")
+    paths = write_outputs(result, args.out, grid=args.grid, extremes=args.cases, seed=args.seed,
+                          report=not args.no_report)
+    log(f"metrics: {paths['metrics']}")
+    log(f"per-image: {paths['per_image_csv']}")
+    # Last line: the report (or the metrics when no report was asked for), for scripts to pick up.
+    print(paths.get("report", paths["metrics"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,134 @@
+"""Bulk inference: segment every image of an archive with a model artifact, masks to Parquet.
+
+    python -m jobs.infer --model runs/demo/model --input runs/images --output runs/masks
+    python -m jobs.infer --model busi-unet --input s3://bucket/scans/ --output s3://bucket/masks/ \\
+        --workers 4 --gpus-per-worker 1 --batch-size 64
+    python -m jobs.infer --model busi-unet --input s3://bucket/shards/ --output s3://bucket/masks/ --incremental
+    python -m jobs.infer --model busi-unet --input table.parquet --image-column png --id-column case_id \\
+        --output runs/masks
+    ray job submit --working-dir . -- python -m jobs.infer --model busi-unet --input s3://... --output s3://...
+
+``--input`` is a folder/prefix (walked recursively; image files .png .jpg .jpeg .bmp .tif .tiff,
+tar shards and Parquet tables may be mixed) or a single image, tar or Parquet file. The output is
+``part-<sha1>.parquet`` files with one row per input (schema in ``unet.inference`` and the
+README); broken inputs become ``status = "error"`` rows and the job goes on. Rerunning the same
+command overwrites its parts; ``--incremental`` only processes inputs that are not in the output
+yet (scheduled runs over a growing archive, or finishing an interrupted run).
+
+Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
+Ray with ``--num-cpus`` (default: all CPUs). S3 endpoint and credentials come from the AWS_*
+environment variables, or ``--endpoint`` / ``--access-key`` / ``--secret-key`` / ``--region``
+which set them for this process. Prints a JSON summary last. Bad input (unknown model, missing
+input, Parquet without the image column) exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from unet.cli import run_main
+
+_MIB = 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's arguments (also used by tests and docs to check example command lines)."""
+    from unet.inference import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.infer",
+        description="Segment every image under --input with a model artifact; write masks as Parquet.")
+    p.add_argument("--model", required=True,
+                   help="model artifact: pretrained name (e.g. busi-unet), local directory or s3:// URI")
+    p.add_argument("--input", required=True,
+                   help="folder/prefix of images, tar shards and/or Parquet tables, or one such file "
+                        "(local path or s3://)")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix for part-*.parquet")
+    p.add_argument("--image-column", default="image",
+                   help="Parquet inputs: column with encoded image bytes (default: image)")
+    p.add_argument("--id-column", default=None,
+                   help="Parquet inputs: column to use as image_id (default: '<file>#<row>')")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files whose relative path matches, e.g. '*_mask*.png' (repeatable)")
+    p.add_argument("--chunk-size", type=int, default=1000,
+                   help="images (or Parquet rows) per output part; a tar is always one part (default: 1000)")
+    p.add_argument("--incremental", action="store_true",
+                   help="skip inputs already in --output (growing archives; finishing an interrupted run)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="with --incremental: redo the parts that hold error rows")
+    p.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one stored in the model artifact)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest connected region of each mask")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images become error rows (decompression bombs; default: {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help=f"larger files / tar members become error rows (default: {DEFAULT_MAX_BYTES // _MIB} MiB)")
+    p.add_argument("--check-resources", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse a request the cluster cannot hold (switch off on autoscaling clusters)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this job starts (default: all)")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (sets AWS_ENDPOINT_URL)")
+    p.add_argument("--access-key", default=None, help="S3 access key (sets AWS_ACCESS_KEY_ID)")
+    p.add_argument("--secret-key", default=None, help="S3 secret key (sets AWS_SECRET_ACCESS_KEY)")
+    p.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
+    return p
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Join ``address`` / ``$RAY_ADDRESS`` (``ray job submit``), else start a local Ray with the
+    checkout on the workers' PYTHONPATH; an already initialised Ray (tests) is kept."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    # Flags override the environment for this process, so the model, input and output (and the
+    # S3 clients pickled to Ray workers) all use the same settings.
+    for flag, var in (("endpoint", "AWS_ENDPOINT_URL"), ("access_key", "AWS_ACCESS_KEY_ID"),
+                      ("secret_key", "AWS_SECRET_ACCESS_KEY"), ("region", "AWS_REGION")):
+        if getattr(args, flag):
+            os.environ[var] = getattr(args, flag)
+            if var == "AWS_ENDPOINT_URL":
+                os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over the flag otherwise
+
+    from unet.inference import InferenceConfig, run_inference
+
+    config = InferenceConfig(
+        model=args.model, input=args.input, output=args.output, image_column=args.image_column,
+        id_column=args.id_column, chunk_size=args.chunk_size, workers=args.workers,
+        batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, threshold=args.threshold, tta=args.tta,
+        largest_component=args.largest_component, incremental=args.incremental,
+        retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+        exclude=tuple(args.exclude), check_resources=args.check_resources)
+    logging.basicConfig(level=logging.INFO, format="[infer %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    init_ray(args.address, args.num_cpus)
+    summary = run_inference(config)
+    print(json.dumps(summary.to_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,169 @@
+"""Prepare segmentation data: BUSI folder or phantoms -> leakage-safe Parquet shards + manifest.
+
+    python -m jobs.prepare --source busi --input ../shared/data/busi --out runs/busi_prepared
+    python -m jobs.prepare --source busi --input ../shared/data/busi --out s3://my-bucket/busi-prepared
+    python -m jobs.prepare --source phantoms --num 200 --seed 0 --size 256 --out runs/demo/prepared
+    python -m jobs.prepare --source busi --input DIR --out OUT --ratios 0.8,0.1,0.1 --seed 1 --strict
+
+Writes ``OUT/{train,val,test}/part-NNNNN.parquet`` (columns id, class, image_png, mask_png,
+height, width, group, source) and ``OUT/manifest.json`` (schema version, counts per split and
+class, duplicate-group statistics, this command and its config, sha256 of every shard, skipped
+files with reasons). Near-duplicate images (perceptual-hash groups) always share a split.
+Re-running with the same arguments rewrites byte-identical shards and deletes shards a previous
+run left over; nothing else in OUT is touched. The logic lives in :mod:`unet.prepare`.
+
+S3: endpoint, credentials and region come from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3),
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_REGION, or from the flags below; flags win.
+Secrets are never printed or recorded (prefer the environment: flags show up in ``ps``).
+Bad source files are skipped with a warning line each and listed in the manifest; ``--strict``
+turns them into an error (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+from unet.cli import run_main
+
+_SECRET_FLAGS = ("--access-key", "--secret-key")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 256 or 256x320), got {text!r}") from e
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with sides >= 16, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected three numbers TRAIN,VAL,TEST, got {text!r}") from e
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers TRAIN,VAL,TEST with a "
+                                         f"positive sum (e.g. 0.7,0.15,0.15), got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's arguments (also used by tests and docs to check example command lines)."""
+    from unet.prepare import DEFAULT_HASH_THRESHOLD, DEFAULT_SHARD_SIZE
+
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.prepare",
+        description="Write train/val/test Parquet shards and manifest.json from a BUSI folder or "
+                    "generated phantoms. Near-duplicate images (perceptual-hash groups) never "
+                    "straddle two splits; splits are stratified by class; output is deterministic.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("source")
+    src.add_argument("--source", required=True, choices=("busi", "phantoms"),
+                     help="'busi': read --input in BUSI's layout; 'phantoms': generate --num images")
+    src.add_argument("--input", metavar="DIR",
+                     help="(busi) folder holding Dataset_BUSI_with_GT/, or that folder itself; classes "
+                          "benign/malignant/normal, NAME.png + NAME_mask.png (+ NAME_mask_1.png ... OR-merged)")
+    src.add_argument("--num", type=int, default=200, help="(phantoms) number of images")
+    src.add_argument("--size", type=_size, default=(256, 256), metavar="N|HxW",
+                     help="(phantoms) image size in pixels")
+    src.add_argument("--seed", type=int, default=0,
+                     help="seed of the split order (and of phantom generation)")
+    src.add_argument("--strict", action="store_true",
+                     help="fail (exit 2) on any bad source file instead of skipping it with a warning "
+                          "(missing mask, mask/image size mismatch, unreadable file, mask without image)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="URI",
+                     help="output: local directory or s3://bucket/prefix; gets {train,val,test}/part-*.parquet "
+                          "and manifest.json")
+    out.add_argument("--ratios", type=_ratios, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+                     help="split fractions (normalised to sum 1; 0 leaves a split empty)")
+    out.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="ROWS",
+                     help="rows per Parquet shard")
+    out.add_argument("--hash-threshold", type=int, default=DEFAULT_HASH_THRESHOLD, metavar="BITS",
+                     help="max Hamming distance between 64-bit pHashes for two images to count as "
+                          "near-duplicates (groups are transitive); 10 fits BUSI, see unet/prepare.py")
+
+    s3 = p.add_argument_group("S3 (default: AWS_* environment variables)")
+    s3.add_argument("--endpoint-url", "--endpoint", dest="endpoint", metavar="URL",
+                    help="S3 endpoint, e.g. http://127.0.0.1:8333 (env AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
+    s3.add_argument("--access-key", help="S3 access key id (env AWS_ACCESS_KEY_ID)")
+    s3.add_argument("--secret-key", help="S3 secret key (env AWS_SECRET_ACCESS_KEY); never printed or recorded")
+    s3.add_argument("--region", help="S3 region (env AWS_REGION / AWS_DEFAULT_REGION; default us-east-1)")
+    return p
+
+
+def redacted_command(argv: Sequence[str]) -> str:
+    """The command line as typed, with the values of --access-key/--secret-key replaced by ***."""
+    words, hide_next = [], False
+    for word in argv:
+        if hide_next:
+            words.append("***")
+            hide_next = False
+        elif word in _SECRET_FLAGS:
+            words.append(word)
+            hide_next = True
+        elif word.startswith(tuple(f + "=" for f in _SECRET_FLAGS)):
+            words.append(word.split("=", 1)[0] + "=***")
+        else:
+            words.append(word)
+    return "python -m jobs.prepare " + shlex.join(words)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.source == "busi" and not args.input:
+        parser.error("--source busi needs --input DIR")
+    if args.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.source == "phantoms" and args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
+
+    from unet.prepare import PrepareConfig, prepare
+
+    logging.basicConfig(level=logging.INFO, format="[prepare] %(levelname)s %(message)s", stream=sys.stderr)
+    config = PrepareConfig(source=args.source, out=args.out, input=args.input, num=args.num, seed=args.seed,
+                           size=args.size, ratios=args.ratios, shard_size=args.shard_size,
+                           hash_threshold=args.hash_threshold, strict=args.strict)
+    started = time.monotonic()
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total or time.monotonic() - last[0] > 5:
+            last[0] = time.monotonic()
+            print(f"[prepare] {stage} {done}/{total}", file=sys.stderr, flush=True)
+
+    manifest = prepare(config, command=redacted_command(argv), progress=progress, endpoint=args.endpoint,
+                       access_key=args.access_key, secret_key=args.secret_key, region=args.region)
+
+    counts, groups = manifest["counts"], manifest["groups"]
+    print(f"{'split':<6} {'benign':>7} {'malignant':>9} {'normal':>7} {'total':>6} {'groups':>7} {'shards':>6}")
+    for split in ("train", "val", "test", "total"):
+        c = counts[split]
+        n_groups = groups["per_split"].get(split, groups["total"])
+        n_shards = sum(1 for s in manifest["shards"] if split in (s["split"], "total"))
+        print(f"{split:<6} {c['benign']:>7} {c['malignant']:>9} {c['normal']:>7} {c['total']:>6} "
+              f"{n_groups:>7} {n_shards:>6}")
+    print(f"duplicate groups (pHash distance <= {groups['hash_threshold']}): {groups['with_duplicates']} groups "
+          f"hold {groups['images_in_groups_with_duplicates']} images (largest {groups['largest']}, "
+          f"{groups['mixed_class']} span two classes); {groups['spanning_splits']} groups span two splits")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} file(s), listed in manifest.json")
+    print(f"wrote {args.out} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

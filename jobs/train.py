@@ -1,0 +1,157 @@
+"""Train a UNet-family model on prepared shards with Ray Train (DDP), checkpoint, export the best.
+
+    python -m jobs.train --smoke-test                                   # seconds: phantoms, 2 workers
+    python -m jobs.train --config configs/phantoms.yaml
+    python -m jobs.train --config configs/busi.yaml --data runs/busi_prepared --workers 2
+    python -m jobs.train --config configs/busi.yaml --set model_kwargs.dropout=0.1 --epochs 80
+    python -m jobs.train --data s3://bucket/busi-prepared --storage s3://bucket/runs --name busi-unet \\
+        --use-gpu --workers 4 --image-size 256 --amp bf16
+    ray job submit --working-dir . -- python -m jobs.train --config configs/busi.yaml --workers 2-8
+
+Settings come from, later ones winning: the defaults (``unet.train.TrainConfig``), ``--config``
+(YAML or TOML, keys = the long flag names with ``_`` or ``-``), the flags, then ``--set key=value``
+(value parsed as YAML; ``model_kwargs.channels=[16,32,64]`` sets one key of a mapping).
+``--print-config`` shows the result and exits.
+
+The run lives in ``<storage>/<name>`` (checkpoints: the best ``--keep`` by validation Dice and the
+latest). Re-running the same command resumes an interrupted run from its latest checkpoint and
+only re-exports a finished one. The best checkpoint is exported as a model artifact (config.json +
+model.safetensors) to ``--export`` (default ``<storage>/<name>/model``); its location is the last
+line printed.
+
+Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
+Ray with ``--num-cpus`` (default: all CPUs). Workers get a planned share of CPUs so Ray Data keeps
+``--data-cpus`` for decoding; a request the cluster cannot hold fails at once with one line
+(exit code 2). S3 endpoint and credentials come from the AWS_* environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from unet.cli import run_main
+
+# The settings that get a flag of their own; every TrainConfig field also works with --set.
+_FLAGS: list[tuple[str, dict]] = [
+    ("data", dict(metavar="URI", help="prepared shards (output of jobs.prepare): local dir or s3://")),
+    ("model", dict(choices=("unet", "attention_unet", "unet_plus_plus"), help="architecture")),
+    ("model-kwargs", dict(metavar="YAML", help="build_model arguments as a YAML/JSON mapping, "
+                          "e.g. '{channels: [16,32,64,128,256], dropout: 0.07}'")),
+    ("loss", dict(choices=("dice", "bce", "dice_bce"), help="loss")),
+    ("loss-kwargs", dict(metavar="YAML", help="loss arguments, e.g. '{dice_weight: 1, bce_weight: 0.5}'")),
+    ("optimizer", dict(choices=("adamw", "sgd"), help="optimiser")),
+    ("lr", dict(type=float, help="peak learning rate")),
+    ("weight-decay", dict(type=float, help="weight decay")),
+    ("momentum", dict(type=float, help="SGD momentum (Nesterov)")),
+    ("schedule", dict(choices=("poly", "cosine", "constant"), help="LR decay after warm-up, per epoch")),
+    ("warmup-epochs", dict(type=int, help="epochs of linear LR warm-up")),
+    ("epochs", dict(type=int, help="total epochs (raising it on a finished run continues training)")),
+    ("batch-size", dict(type=int, help="training images per step per worker")),
+    ("val-batch-size", dict(type=int, help="validation images per step (default: --batch-size)")),
+    ("image-size", dict(metavar="N|HxW", help="training size")),
+    ("augment", dict(action=argparse.BooleanOptionalAction, help="augment the train split")),
+    ("workers", dict(metavar="N|N-M", help="training workers; N-M = elastic group (Ray Train V2)")),
+    ("use-gpu", dict(action=argparse.BooleanOptionalAction, help="one GPU per worker, NCCL")),
+    ("cpus-per-worker", dict(type=float, help="CPUs per worker (default: planned from the cluster)")),
+    ("gpus-per-worker", dict(type=float, help="GPUs per worker with --use-gpu")),
+    ("data-cpus", dict(type=float, help="CPUs kept free for Ray Data (decode/augment)")),
+    ("placement-strategy", dict(choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                                help="how workers are placed on nodes")),
+    ("amp", dict(choices=("none", "bf16", "fp16"), help="mixed precision (fp16: GPU only)")),
+    ("seed", dict(type=int, help="seed for weights, augmentation and shuffling")),
+    ("storage", dict(metavar="URI", help="where runs live: local dir or s3://bucket/prefix")),
+    ("name", dict(help="run name; the run is <storage>/<name> (default: the model name)")),
+    ("export", dict(metavar="URI", help="model artifact destination (default <storage>/<name>/model)")),
+    ("keep", dict(type=int, help="best checkpoints kept by validation Dice (plus the latest)")),
+    ("max-failures", dict(type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")),
+    ("address", dict(help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")),
+    ("num-cpus", dict(type=int, help="CPUs of the local Ray this job starts (default: all)")),
+    ("check-resources", dict(action=argparse.BooleanOptionalAction,
+                             help="refuse requests the cluster cannot hold (off for autoscaling clusters)")),
+    ("smoke-test", dict(action="store_true", help="tiny run: 32 px, 2 epochs, small model, phantoms if no --data")),
+]
+_MAPPINGS = ("model_kwargs", "loss_kwargs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's arguments (also used by tests and docs to check example command lines)."""
+    from unet.train import TrainConfig
+
+    defaults = dataclasses.asdict(TrainConfig())
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Distributed training of unet / attention_unet / unet_plus_plus on Ray Train.",
+        epilog="Precedence: defaults < --config < flags < --set. See the module docstring for examples.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (keys = flag names)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override any setting, value parsed as YAML (repeatable), e.g. --set keep=3")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    for flag, kw in _FLAGS:
+        key = flag.replace("-", "_")
+        default = defaults[key]
+        shown = "x".join(map(str, default)) if key == "image_size" else default
+        kw = dict(kw)
+        kw["help"] = f"{kw['help']} (default: {shown})" if kw.get("action") != "store_true" else kw["help"]
+        p.add_argument(f"--{flag}", dest=key, default=argparse.SUPPRESS, **kw)
+    return p
+
+
+def _yaml(text: str, what: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what}: not valid YAML: {e}") from e
+
+
+def config_from_args(args: argparse.Namespace):
+    """Defaults < --config file < flags < --set, validated into a ``TrainConfig``."""
+    from unet.train import TrainConfig, load_config_file
+
+    cfg = TrainConfig()
+    if args.config:
+        cfg = cfg.updated(load_config_file(args.config), source=f"config file {args.config}")
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "print_config")}
+    for key in _MAPPINGS:
+        if key in flags:
+            flags[key] = _yaml(flags[key], f"--{key.replace('_', '-')}")
+    cfg = cfg.updated(flags, source="command line")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=3e-4")
+        overrides[key.strip()] = _yaml(value, f"--set {key.strip()}")
+    return cfg.updated(overrides, source="--set")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(cfg.resolved().to_dict(), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    from unet.train import fit
+
+    command = shlex.join(["python", "-m", "jobs.train", *(sys.argv[1:] if argv is None else argv)])
+    outcome = fit(cfg, command=command)
+    m = outcome.best_metrics
+    status = "trained" if outcome.trained else "already finished, re-exported"
+    print(f"run {outcome.run_uri}: {status}; best epoch {outcome.best_epoch}: "
+          f"val_dice {m.get('val_dice', float('nan')):.4f} val_iou {m.get('val_iou', float('nan')):.4f} "
+          f"({outcome.seconds:.0f}s)")
+    print(f"model artifact: {outcome.artifact}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,270 @@
+"""Model artifacts: round trips give identical outputs; broken artifacts fail loudly, naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from unet import artifact
+from unet.artifact import CONFIG_NAME, WEIGHTS_NAME, list_pretrained, load_artifact, save_artifact
+from unet.models import MODELS, build_model
+
+TINY = [4, 8, 16]
+NORMALIZATION = {"mean": 0.5, "std": 0.25}
+
+
+def _kwargs(name: str) -> dict:
+    extra = {"deep_supervision": True} if name == "unet_plus_plus" else {}
+    return {"channels": TINY, **extra}
+
+
+def _trained(name: str) -> torch.nn.Module:
+    """A tiny model whose weights and BatchNorm statistics are no longer the initial ones."""
+    torch.manual_seed(0)
+    model = build_model(name, **_kwargs(name))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model.train()(torch.rand(2, 1, 24, 24))
+    loss = sum(o.mean() for o in out) if isinstance(out, list) else out.mean()
+    loss.backward()
+    optimizer.step()
+    return model.eval()
+
+
+def _save(model, dest, name="unet", **overrides):
+    kwargs = dict(
+        architecture=name,
+        model_kwargs=_kwargs(name),
+        input_size=(128, 128),
+        normalization=NORMALIZATION,
+        threshold=0.4,
+        provenance={"command": "pytest", "val_dice": 0.5},
+    )
+    kwargs.update(overrides)
+    return save_artifact(model, dest, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_round_trip_gives_identical_outputs(tmp_path, name):
+    model = _trained(name)
+    dest = _save(model, tmp_path / "model", name=name)
+    assert sorted(p.name for p in Path(dest).iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+    loaded = load_artifact(dest)
+    assert not loaded.model.training
+    x = torch.rand(2, 1, 37, 53)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+
+    sha = hashlib.sha256((tmp_path / "model" / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert loaded.model_id == f"{name}-{sha[:12]}"
+    config = loaded.config
+    assert config["format_version"] == artifact.FORMAT_VERSION
+    assert config["architecture"] == name and config["model_kwargs"] == _kwargs(name)
+    assert config["input_size"] == [128, 128] and config["normalization"] == NORMALIZATION
+    assert config["threshold"] == 0.4 and config["provenance"]["val_dice"] == 0.5
+    assert config["weights_sha256"] == sha
+    assert config == json.loads((tmp_path / "model" / CONFIG_NAME).read_text())
+
+
+def test_weights_are_plain_safetensors(tmp_path):
+    model = _trained("unet")
+    _save(model, tmp_path / "m")
+    tensors = safetensors.torch.load_file(tmp_path / "m" / WEIGHTS_NAME)
+    assert tensors.keys() == model.state_dict().keys()
+    assert torch.equal(tensors["head.weight"], model.head.weight)
+
+
+def test_defaults_come_from_the_model_and_name_sets_model_id(tmp_path):
+    model = build_model("unet_plus_plus", channels=(4, 8), deep_supervision=True, dropout=0.0).eval()
+    save_artifact(model, tmp_path / "m", input_size=(64, 96), normalization=NORMALIZATION, name="busi-upp")
+    loaded = load_artifact(str(tmp_path / "m"))
+    assert loaded.config["architecture"] == "unet_plus_plus"
+    assert loaded.config["model_kwargs"]["deep_supervision"] is True
+    assert loaded.config["model_kwargs"]["channels"] == [4, 8]
+    assert loaded.model_id.startswith("busi-upp-")
+
+
+def test_same_weights_same_model_id_wherever_stored(tmp_path):
+    model = _trained("unet")
+    a = load_artifact(_save(model, tmp_path / "a"))
+    b = load_artifact(_save(model, tmp_path / "b", provenance={"command": "another"}))
+    assert a.model_id == b.model_id
+
+
+def test_ddp_style_wrappers_are_unwrapped(tmp_path):
+    model = _trained("unet")
+
+    class Wrapper(torch.nn.Module):  # stands in for torch.compile's OptimizedModule
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    _save(Wrapper(model), tmp_path / "m")
+    assert load_artifact(tmp_path / "m").config["architecture"] == "unet"
+
+
+def test_named_pretrained_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifact, "WEIGHTS_DIR", tmp_path / "weights")
+    assert list_pretrained() == []
+    _save(_trained("unet"), tmp_path / "weights" / "unet-demo")
+    (tmp_path / "weights" / "not-an-artifact").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert list_pretrained() == ["unet-demo"]
+    assert load_artifact("unet-demo").config["architecture"] == "unet"
+    with pytest.raises(FileNotFoundError, match="pretrained: unet-demo"):
+        load_artifact("no-such-model")
+
+
+# --- saving refuses to write an artifact that could not be loaded ------------------------------
+
+BAD_SAVES = [
+    ({"architecture": "segformer"}, "unknown architecture"),
+    ({"model_kwargs": {"channels": [4, 8, 32]}}, "does not describe this model"),
+    ({"model_kwargs": {"channels": [4]}}, "channels"),
+    ({"model_kwargs": {"depth": 3}}, "unexpected argument"),
+    ({"architecture": "attention_unet"}, "missing keys"),
+    ({"input_size": (128,)}, "input_size"),
+    ({"normalization": {"mean": 0.5}}, "normalization"),
+    ({"normalization": {"mean": 0.5, "std": 0}}, "std"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"provenance": {"when": object()}}, "JSON-serialisable"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "problem"), BAD_SAVES)
+def test_bad_save_arguments(tmp_path, overrides, problem):
+    with pytest.raises(ValueError, match=problem):
+        _save(_trained("unet"), tmp_path / "m", **overrides)
+    assert not (tmp_path / "m" / CONFIG_NAME).exists()
+
+
+# --- loading broken artifacts ------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return Path(_save(_trained("unet"), tmp_path / "model"))
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def _rewrite_weights(path: Path, tensors: dict) -> None:
+    """Replace the weights and update the sha256, so only the structural check can catch it."""
+    data = safetensors.torch.save(tensors)
+    (path / WEIGHTS_NAME).write_bytes(data)
+    _edit_config(path, weights_sha256=hashlib.sha256(data).hexdigest())
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_artifact(tmp_path / "nowhere")
+
+
+def test_file_instead_of_directory(saved):
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        load_artifact(saved / CONFIG_NAME)
+
+
+@pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
+def test_missing_file(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{saved / missing}: {missing} not found"):
+        load_artifact(saved)
+
+
+BROKEN_CONFIGS = [
+    ('{"architecture": "unet",', "malformed JSON"),
+    ("[1, 2]", "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), BROKEN_CONFIGS)
+def test_malformed_config(saved, text, problem):
+    (saved / CONFIG_NAME).write_text(text)
+    with pytest.raises(ValueError, match=problem) as info:
+        load_artifact(saved)
+    assert str(saved / CONFIG_NAME) in str(info.value)
+
+
+BAD_CONFIG_VALUES = [
+    ({"architecture": None}, "missing key"),
+    ({"weights_sha256": None}, "missing key"),
+    ({"architecture": "segformer"}, "unknown architecture 'segformer'"),
+    ({"model_kwargs": {"channels": [4]}}, "channels"),
+    ({"model_kwargs": {"channels": [4, 8, 32]}}, "shape mismatch"),
+    ({"model_kwargs": {"channels": [4, 8, 16], "norm": "none"}}, "missing keys"),
+    ({"format_version": 99}, "newer"),
+    ({"threshold": "high"}, "threshold"),
+    ({"input_size": [128]}, "input_size"),
+    ({"weights_sha256": "abc"}, "weights_sha256"),
+]
+
+
+@pytest.mark.parametrize(("changes", "problem"), BAD_CONFIG_VALUES)
+def test_bad_config_values(saved, changes, problem):
+    _edit_config(saved, **changes)
+    with pytest.raises(ValueError, match=problem) as info:
+        load_artifact(saved)
+    assert str(saved) in str(info.value)
+
+
+def test_weights_changed_after_saving(saved):
+    data = bytearray((saved / WEIGHTS_NAME).read_bytes())
+    data[-1] ^= 0xFF
+    (saved / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 .* does not match"):
+        load_artifact(saved)
+
+
+def test_weights_with_missing_and_unexpected_keys(saved):
+    tensors = safetensors.torch.load_file(saved / WEIGHTS_NAME)
+    tensors["extra.weight"] = tensors.pop("head.weight")
+    _rewrite_weights(saved, tensors)
+    with pytest.raises(ValueError, match="missing keys: head.weight; unexpected keys: extra.weight") as info:
+        load_artifact(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+def test_weights_with_wrong_shape(saved):
+    tensors = safetensors.torch.load_file(saved / WEIGHTS_NAME)
+    tensors["head.weight"] = torch.zeros(2, 4, 1, 1)
+    _rewrite_weights(saved, tensors)
+    with pytest.raises(ValueError, match=r"shape mismatch .*head.weight \[2, 4, 1, 1\] vs \[1, 4, 1, 1\]"):
+        load_artifact(saved)
+
+
+def test_weights_not_safetensors(saved):
+    data = b"\x80\x04 a pickle, say"
+    (saved / WEIGHTS_NAME).write_bytes(data)
+    _edit_config(saved, weights_sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_artifact(saved)
+
+
+# --- object storage ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_round_trip_through_s3(s3_env):
+    model = _trained("attention_unet")
+    uri = f"{s3_env}/models/run-1"
+    assert _save(model, uri, name="attention_unet") == uri
+    loaded = load_artifact(uri)
+    x = torch.rand(1, 1, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    with pytest.raises(FileNotFoundError, match=f"{s3_env}/models/none/{CONFIG_NAME}"):
+        load_artifact(f"{s3_env}/models/none")

@@ -1,0 +1,319 @@
+"""jobs.evaluate / unet.evaluation / unet.report on a tiny phantom split and a tiny real model.
+
+No oracle model exists, so the checks are about consistency and bookkeeping a user relies on:
+metrics.json equals what the per-image table recomputes to, per-image scores equal the metric
+definitions at the ORIGINAL image size, CIs bracket their means, class counts add up, the figures
+are real PNGs the HTML links to, and bad use ends in one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs.evaluate import main as evaluate_main
+from unet import metrics as M
+from unet import storage
+from unet.artifact import load_artifact, save_artifact
+from unet.cli import run_main
+from unet.evaluation import (
+    ModelSettings,
+    bootstrap_ci,
+    evaluate,
+    predict_probabilities,
+    summarize,
+    write_outputs,
+)
+from unet.models import build_model
+from unet.phantoms import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+# 4 benign, 3 malignant, 3 normal; sizes differ from each other and from the model's 32x32 input.
+KINDS = ["benign"] * 4 + ["malignant"] * 3 + ["normal"] * 3
+
+
+def _png(a: np.ndarray) -> bytes:
+    return cv2.imencode(".png", a)[1].tobytes()
+
+
+def write_prepared(root: Path) -> Path:
+    """A prepared dataset as jobs.prepare writes it (spec: shard schema + manifest), test split only."""
+    rows = []
+    for i, kind in enumerate(KINDS):
+        image, mask = make_phantom(100 + i, kind, size=(40 + 3 * i, 56 - 2 * i))
+        rows.append({"id": f"{kind} ({i})", "class": kind, "image_png": _png(image), "mask_png": _png(mask),
+                     "height": image.shape[0], "width": image.shape[1], "group": f"g{i}", "source": "phantom"})
+    schema = pa.schema([("id", pa.string()), ("class", pa.string()), ("image_png", pa.binary()),
+                        ("mask_png", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
+                        ("group", pa.string()), ("source", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    (root / "test").mkdir(parents=True)
+    pq.write_table(table.slice(0, 6), root / "test" / "part-00000.parquet")
+    pq.write_table(table.slice(6), root / "test" / "part-00001.parquet")
+    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "counts": {"test": len(rows)}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("eval")
+    data = write_prepared(root / "prepared")
+    torch.manual_seed(0)
+    model = build_model("unet", channels=(4, 8)).eval()
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_dice": 0.2 * e} for e in (1, 2, 3)]
+    artifact = save_artifact(model, root / "model", architecture="unet", model_kwargs={"channels": [4, 8]},
+                             input_size=(32, 32), normalization={"mean": 0.5, "std": 0.25}, threshold=0.5,
+                             provenance={"history": history})
+    return {"root": root, "data": str(data), "model": str(artifact)}
+
+
+@pytest.fixture(scope="module")
+def evaluated(workspace) -> dict:
+    out = workspace["root"] / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = evaluate_main(["--model", workspace["model"], "--data", workspace["data"], "--split", "test",
+                              "--out", str(out), "--bootstrap", "300", "--seed", "3", "--batch-size", "4",
+                              "--grid", "6", "--cases", "2"])
+    assert code == 0
+    return {**workspace, "out": out, "stdout": stdout.getvalue(), "metrics": json.loads((out / "metrics.json").read_text()),
+            "csv": pd.read_csv(out / "per_image.csv"), "parquet": pd.read_parquet(out / "per_image.parquet")}
+
+
+def test_outputs_exist_and_report_links_valid_pngs(evaluated):
+    out = evaluated["out"]
+    printed = evaluated["stdout"].strip().splitlines()
+    assert printed[-1] == str(out / "report.html")  # the path is the last line
+    html = (out / "report.html").read_text()
+    links = re.findall(r'src="([^"]+)"', html)
+    assert {"figures/overlays.png", "figures/worst.png", "figures/best.png", "figures/dice_by_class.png",
+            "figures/curves.png"} <= set(links)
+    for rel in links:
+        assert not Path(rel).is_absolute()
+        with Image.open(out / rel) as im:
+            im.verify()  # a real PNG, not an empty file
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    for rel in re.findall(r'href="([^"]+)"', html):
+        assert (out / rel).is_file(), rel
+    assert evaluated["metrics"]["model_id"] in html
+
+
+def test_per_image_scores_follow_the_definitions_at_original_size(evaluated):
+    df = evaluated["csv"]
+    shards = pd.concat([pd.read_parquet(p) for p in sorted(Path(evaluated["data"], "test").glob("*.parquet"))])
+    shards = shards.set_index("id")
+    assert sorted(df["id"]) == sorted(shards.index)  # every image exactly once
+    for row in df.itertuples():
+        src = shards.loc[row.id]
+        mask = cv2.imdecode(np.frombuffer(src["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED) > 0
+        assert (row.height, row.width) == mask.shape == (src["height"], src["width"])
+        assert row.tp + row.fp + row.fn + row.tn == row.height * row.width
+        assert row.gt_pixels == mask.sum() == row.tp + row.fn
+        s = M.scores_from_counts(row.tp, row.fp, row.fn)
+        for k in ("dice", "iou", "precision", "recall"):
+            assert getattr(row, k) == pytest.approx(s[k], abs=1e-12)
+    # The Parquet copy holds the predicted masks at original size, agreeing with the counts.
+    for row in evaluated["parquet"].itertuples():
+        pred = cv2.imdecode(np.frombuffer(row.pred_png, np.uint8), cv2.IMREAD_UNCHANGED) > 0
+        src_mask = cv2.imdecode(np.frombuffer(shards.loc[row.id]["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED) > 0
+        assert pred.shape == (row.height, row.width)
+        assert list(M.counts(pred, src_mask)[0]) == [row.tp, row.fp, row.fn, row.tn]
+        expected_hd = M.hd95(pred, src_mask)
+        assert (math.isnan(row.hd95) and math.isnan(expected_hd)) or row.hd95 == pytest.approx(expected_hd)
+
+
+def _check_group(stat: dict, df: pd.DataFrame) -> None:
+    assert stat["images"] == len(df)
+    for k in ("dice", "iou", "precision", "recall"):
+        assert stat[k]["mean"] == pytest.approx(df[k].mean(), abs=1e-12)
+    hd = df["hd95"].dropna()
+    assert stat["hd95"]["images_defined"] == len(hd)
+    assert stat["hd95"]["images_undefined"] == len(df) - len(hd)
+    assert (stat["hd95"]["mean"] is None) == hd.empty
+    if not hd.empty:
+        assert stat["hd95"]["mean"] == pytest.approx(hd.mean())
+    micro = M.scores_from_counts(df["tp"].sum(), df["fp"].sum(), df["fn"].sum())
+    assert stat["dice_micro"]["mean"] == pytest.approx(micro["dice"])
+    assert stat["iou_micro"]["mean"] == pytest.approx(micro["iou"])
+    assert [stat[c] for c in ("tp", "fp", "fn", "tn")] == [int(df[c].sum()) for c in ("tp", "fp", "fn", "tn")]
+    for k in ("dice", "iou", "precision", "recall", "hd95", "dice_micro", "iou_micro"):
+        s = stat[k]
+        if s["mean"] is None:
+            continue
+        assert s["ci_low"] - 1e-9 <= s["mean"] <= s["ci_high"] + 1e-9, (k, s)
+
+
+def test_metrics_json_equals_recomputation_from_per_image_table(evaluated, workspace):
+    m, df = evaluated["metrics"], evaluated["csv"]
+    _check_group(m["overall"], df)
+    assert set(m["per_class"]) == {"benign", "malignant", "normal"}
+    for cls, stat in m["per_class"].items():
+        _check_group(stat, df[df["class"] == cls])
+    counts = m["counts"]
+    assert counts["images"] == len(KINDS) == sum(counts[c] for c in ("benign", "malignant", "normal"))
+    assert counts == {"images": 10, "benign": 4, "malignant": 3, "normal": 3}
+    normal = df[df["class"] == "normal"]
+    flr = m["false_lesion_rate"]
+    assert (flr["images"], flr["count"]) == (len(normal), int((normal["pred_pixels"] > 0).sum()))
+    assert flr["mean"] == pytest.approx((normal["pred_pixels"] > 0).mean())
+    assert flr["ci_low"] <= flr["mean"] <= flr["ci_high"]
+    lesion = df[df["class"] != "normal"]
+    assert m["missed_lesion_rate"]["count"] == int((lesion["pred_pixels"] == 0).sum())
+    # Provenance: which model, which data (the manifest's hash), which split, how the CIs were made.
+    assert m["model_id"] == load_artifact(workspace["model"]).model_id
+    manifest = Path(workspace["data"], "manifest.json").read_bytes()
+    assert m["data"] == {"uri": workspace["data"], "split": "test",
+                         "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    assert m["bootstrap"]["resamples"] == 300 and m["bootstrap"]["seed"] == 3
+    assert m["command"].startswith("python -m jobs.evaluate --model ")
+
+
+def test_summaries_are_seeded(evaluated):
+    df = evaluated["csv"]
+    a, b = summarize(df, n_bootstrap=200, seed=1), summarize(df, n_bootstrap=200, seed=1)
+    c = summarize(df, n_bootstrap=200, seed=2)
+    assert a == b
+    assert a["overall"]["dice"]["mean"] == c["overall"]["dice"]["mean"]
+    assert a["overall"]["dice"]["ci_low"] != c["overall"]["dice"]["ci_low"]
+
+
+def test_bootstrap_ci_properties():
+    rng = np.random.default_rng(0)
+    v = rng.uniform(size=50)
+    lo, hi = bootstrap_ci(v, n_bootstrap=2000, seed=0)
+    assert lo < v.mean() < hi
+    # Roughly mean +- 1.96 standard errors for a well-behaved mean.
+    se = v.std(ddof=1) / math.sqrt(len(v))
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert bootstrap_ci(np.full(7, 0.25), n_bootstrap=100, seed=0) == (0.25, 0.25)
+    assert all(math.isnan(x) for x in bootstrap_ci(np.array([]), n_bootstrap=100, seed=0))
+    # NaNs (undefined HD95) are ignored, not propagated.
+    lo, hi = bootstrap_ci(np.array([1.0, np.nan, 3.0, np.nan]), n_bootstrap=500, seed=0)
+    assert 1.0 <= lo <= hi <= 3.0
+
+
+class _DarkIsLesion(torch.nn.Module):
+    """A transparent 'model': logits = -k * input, so darker pixels get higher probability."""
+
+    def forward(self, x):
+        return -8.0 * x
+
+
+def test_prediction_is_made_at_model_size_and_returned_at_original_size():
+    image = np.full((45, 70), 200, np.uint8)
+    image[10:30, 20:50] = 10  # a dark block
+    settings = ModelSettings("test", (16, 16), mean=0.5, std=0.25, threshold=0.5)
+    (prob,) = predict_probabilities(_DarkIsLesion(), [image], settings)
+    assert prob.shape == (45, 70) and prob.dtype == np.float32
+    pred = prob >= 0.5
+    # Bilinear resizing from 16x16 blurs the block edges by at most a few pixels.
+    assert pred[15:25, 25:45].all() and not pred[:5].any() and not pred[:, :10].any()
+
+
+def test_evaluate_reads_and_writes_s3(s3_env, workspace, tmp_path):
+    bucket = s3_env
+    for path in sorted(Path(workspace["data"]).rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(workspace["data"]).as_posix()
+            storage.write_bytes(storage.join(bucket, "prepared", rel), path.read_bytes())
+    result = evaluate(load_artifact(workspace["model"]), storage.join(bucket, "prepared"), "test", n_bootstrap=50)
+    paths = write_outputs(result, storage.join(bucket, "eval"), grid=3, extremes=1)
+    assert paths["report"] == storage.join(bucket, "eval", "report.html")
+    metrics = json.loads(storage.read_bytes(paths["metrics"]))
+    assert metrics["counts"]["images"] == len(KINDS)
+    assert metrics["data"]["manifest_sha256"] is not None
+    assert storage.read_bytes(storage.join(bucket, "eval", "figures", "overlays.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- bad use: one line, exit code 2 -------------------------------------------------------------
+
+def _run_inprocess(capsys, argv) -> tuple[int, str]:
+    code = run_main(evaluate_main, argv, prog="jobs.evaluate")
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_wrong_data_uri_is_one_clear_line(workspace, tmp_path, capsys):
+    missing = tmp_path / "no-such-prepared"
+    code, err = _run_inprocess(capsys, ["--model", workspace["model"], "--data", str(missing), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("jobs.evaluate: error: ")
+    assert str(missing) in err and "jobs.prepare" in err
+
+
+def test_wrong_split_is_one_clear_line(workspace, tmp_path, capsys):
+    code, err = _run_inprocess(capsys, ["--model", workspace["model"], "--data", workspace["data"], "--split", "val",
+                                        "--out", str(tmp_path / "o")])
+    assert code == 2 and err.count("\n") == 1 and "no split 'val'" in err
+
+
+def test_artifact_of_another_architecture_is_one_clear_line(workspace, tmp_path, capsys):
+    wrong = tmp_path / "wrong-arch"
+    shutil.copytree(workspace["model"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["architecture"] = "attention_unet"  # same weights, different network
+    (wrong / "config.json").write_text(json.dumps(config))
+    code, err = _run_inprocess(capsys, ["--model", str(wrong), "--data", workspace["data"], "--out", str(tmp_path / "o")])
+    assert code == 2 and err.count("\n") == 1
+    assert "attention_unet" in err and "do not fit" in err
+
+
+def test_s3_bucket_that_does_not_exist_is_one_clear_line(s3_env, workspace, tmp_path, capsys):
+    data = s3_env.replace("s3://", "s3://missing-") + "/prepared"
+    code, err = _run_inprocess(capsys, ["--model", workspace["model"], "--data", data, "--out", str(tmp_path / "o")])
+    assert code == 2 and err.count("\n") == 1
+    assert "does not exist" in err and data.split("/")[2] in err
+    assert "AWS_SECRET_ACCESS_KEY=" not in err
+
+
+def test_unknown_model_name_from_the_real_cli(tmp_path):
+    """The real command line: no traceback, one line on stderr, exit code 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--model", "no-such-model", "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("jobs.evaluate: error: ")
+    assert "'no-such-model'" in lines[0] and "pretrained" in lines[0]
+
+
+def test_run_main_keeps_tracebacks_for_bugs_and_unwraps_ray_errors(capsys):
+    from ray.exceptions import RayTaskError
+
+    def bug(argv):
+        raise TypeError("a programming error")
+
+    with pytest.raises(TypeError):
+        run_main(bug, [])
+
+    def remote_failure(argv):
+        cause = FileNotFoundError("s3://b/x: no such object")
+        raise RayTaskError("read_task", "Traceback (most recent call last):\n  ...\n" * 30, cause).as_instanceof_cause()
+
+    assert run_main(remote_failure, [], prog="jobs.x") == 2
+    assert capsys.readouterr().err == "jobs.x: error: s3://b/x: no such object\n"
+
+    def bad_name(argv):
+        raise KeyError("unknown model 'x'; valid: unet, attention_unet")
+
+    assert run_main(bad_name, [], prog="jobs.x") == 2
+    assert capsys.readouterr().err == "jobs.x: error: unknown model 'x'; valid: unet, attention_unet\n"

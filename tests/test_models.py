@@ -1,0 +1,220 @@
+"""The UNet family: one row per architecture, tiny CPU tensors, behaviour users rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unet.models import MODELS, AttentionUNet, UNet, build_model, count_parameters
+
+NAMES = sorted(MODELS)
+TINY = (4, 8, 16)  # two poolings: pads to multiples of 4, fast on CPU
+# Pinned so the README's parameter table cannot drift from the code.
+DEFAULT_PARAMETERS = {"unet": 1_942_289, "attention_unet": 2_007_813, "unet_plus_plus": 2_263_425}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _single(out):
+    """The final logits, whether a model returned a tensor or a deep-supervision list."""
+    return out[-1] if isinstance(out, list) else out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", [(37, 53), (32, 32), (17, 9)])
+def test_forward_backward_any_size(name, size):
+    model = build_model(name, channels=TINY)
+    x = torch.rand(2, 1, *size, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (2, 1, *size)
+    logits.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters()), "every parameter takes part in forward"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_busi_size_with_four_poolings(name):
+    # 471×562 is a real BUSI size; with 4 poolings it is padded to 480×576 and cropped back.
+    model = build_model(name, channels=(2, 4, 8, 8, 8)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 471, 562)).shape == (2, 1, 471, 562)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_are_the_seed_config(name):
+    model = build_model(name)
+    assert model.channels == (16, 32, 64, 128, 256) and model.depth == 4
+    assert model.dropout == 0.07 and model.norm == "batch"
+    assert (model.in_channels, model.out_channels) == (1, 1)
+    assert count_parameters(model) == DEFAULT_PARAMETERS[name]
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 1, 37, 53)).shape == (1, 1, 37, 53)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("norm", ["instance", "none"])
+def test_norms_and_multichannel(name, norm):
+    model = build_model(name, in_channels=3, out_channels=2, channels=TINY, dropout=0.0, norm=norm)
+    assert model(torch.rand(2, 3, 20, 24)).shape == (2, 2, 20, 24)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pad_mode_matters_only_when_padding(name):
+    zeros = build_model(name, channels=TINY, pad_mode="zeros").eval()
+    replicate = build_model(name, channels=TINY, pad_mode="replicate").eval()
+    replicate.load_state_dict(zeros.state_dict())
+    with torch.no_grad():
+        x = torch.rand(1, 1, 30, 30)  # padded to 32×32: the border is seen differently
+        assert not torch.equal(zeros(x), replicate(x))
+        y = torch.rand(1, 1, 32, 32)  # already a multiple of 4: no padding, same function
+        assert torch.equal(zeros(y), replicate(y))
+
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    model = build_model("unet", channels=TINY, dropout=0.5)
+    x = torch.rand(2, 1, 16, 16)
+    assert not torch.equal(model.train()(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+BAD_ARGS = [
+    ({"in_channels": 0}, "in_channels"),
+    ({"out_channels": -1}, "out_channels"),
+    ({"out_channels": 1.5}, "out_channels"),
+    ({"channels": (16,)}, "channels"),
+    ({"channels": (16, 0, 32)}, "channels"),
+    ({"channels": (16, 32.5)}, "channels"),
+    ({"channels": "16,32"}, "channels"),
+    ({"channels": 16}, "channels"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"norm": "group"}, "norm"),
+    ({"pad_mode": "reflect"}, "pad_mode"),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("kwargs", "arg"), BAD_ARGS, ids=[f"{next(iter(k))}={next(iter(k.values()))}" for k, _ in BAD_ARGS])
+def test_bad_arguments_raise_value_error_naming_them(name, kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        build_model(name, **kwargs)
+
+
+def test_deep_supervision_must_be_bool():
+    with pytest.raises(ValueError, match="deep_supervision"):
+        build_model("unet_plus_plus", deep_supervision="yes")
+
+
+def test_argument_the_architecture_does_not_take():
+    with pytest.raises(TypeError, match="deep_supervision"):
+        build_model("unet", deep_supervision=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_input_channels(name):
+    model = build_model(name, channels=TINY)
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.rand(1, 16, 16))
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(KeyError) as info:
+        build_model("segformer")
+    for name in NAMES:
+        assert name in str(info.value)
+
+
+# --- UNet++ deep supervision -------------------------------------------------------------------
+
+
+def test_deep_supervision_list_in_training_tensor_in_eval():
+    # No norm and no dropout, so train and eval compute the same function and can be compared.
+    model = build_model("unet_plus_plus", channels=(4, 8, 16, 32), deep_supervision=True, norm="none", dropout=0.0)
+    x = torch.rand(2, 1, 21, 27)
+    heads = model.train()(x)
+    assert isinstance(heads, list) and len(heads) == model.depth == 3
+    assert all(h.shape == (2, 1, 21, 27) for h in heads)
+    assert not torch.equal(heads[0], heads[-1]), "each head reads its own node x_0_j"
+    sum(h.mean() for h in heads).backward()
+    assert all(model.heads[f"x_0_{j}"].weight.grad is not None for j in (1, 2, 3))
+    with torch.no_grad():
+        final = model.eval()(x)
+    assert isinstance(final, torch.Tensor)
+    torch.testing.assert_close(final, heads[-1].detach())  # eval returns the final head x_0_L
+
+
+def test_without_deep_supervision_one_tensor_and_one_head():
+    model = build_model("unet_plus_plus", channels=TINY)
+    assert isinstance(model.train()(torch.rand(2, 1, 16, 16)), torch.Tensor)
+    assert list(model.heads) == ["x_0_2"]
+
+
+def test_unet_plus_plus_nodes_named_as_in_the_paper():
+    model = build_model("unet_plus_plus", channels=(4, 8, 16, 32, 64))
+    expected = {f"x_{i}_{j}" for j in range(5) for i in range(5 - j)}
+    assert set(model.nodes) == expected
+    # x_0_4 concatenates four same-row nodes (4 × 4 channels) with the up-sampled x_1_3 (4 channels).
+    assert model.nodes["x_0_4"].block.conv1.in_channels == 5 * 4
+
+
+# --- Attention U-Net gates ----------------------------------------------------------------------
+
+
+def test_attention_coefficients_are_spatial_probabilities():
+    model = build_model("attention_unet", channels=TINY).eval()
+    assert model.attention_maps() == [None, None]
+    with torch.no_grad():
+        model(torch.rand(2, 1, 37, 53))  # padded to 40×56
+    maps = model.attention_maps()
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 40, 56), (2, 1, 20, 28)]
+    for m in maps:
+        assert (m > 0).all() and (m < 1).all()
+        assert m.std() > 0, "coefficients vary over space"
+
+
+def test_gates_change_the_output():
+    model = build_model("attention_unet", channels=TINY).eval()
+    x = torch.rand(2, 1, 24, 24)
+    with torch.no_grad():
+        before = model(x)
+        model.gates()[0].psi.bias.fill_(-30.0)  # close the shallowest gate: alpha ≈ 0
+        closed = model(x)
+    assert not torch.allclose(before, closed, atol=1e-4)
+
+
+def test_open_gates_reduce_attention_unet_to_unet():
+    # With psi weights 0 and a large bias every coefficient is exactly 1.0 in float32, so the
+    # skips pass unchanged and the model must equal a plain UNet with the same other weights:
+    # the coefficients multiply exactly the skip features that reach the decoder.
+    attention = build_model("attention_unet", channels=TINY).eval()
+    with torch.no_grad():
+        for gate in attention.gates():
+            gate.psi.weight.zero_()
+            gate.psi.bias.fill_(30.0)
+    plain = build_model("unet", channels=TINY).eval()
+    state = {k: v for k, v in attention.state_dict().items() if ".gate." not in k}
+    plain.load_state_dict(state, strict=True)
+    x = torch.rand(2, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(attention(x), plain(x))
+
+
+def test_gate_parameters_receive_gradients():
+    model = build_model("attention_unet", channels=TINY)
+    model(torch.rand(2, 1, 24, 24)).mean().backward()
+    for gate in model.gates():
+        for p in (gate.theta_x.weight, gate.phi_g.weight, gate.psi.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_registry_classes():
+    assert MODELS["unet"] is UNet and MODELS["attention_unet"] is AttentionUNet
+    for name, cls in MODELS.items():
+        assert cls.architecture == name
+        assert type(build_model(name, channels=TINY)) is cls

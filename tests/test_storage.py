@@ -1,0 +1,120 @@
+"""unet.storage against local disk and a real S3-protocol server (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+
+from unet import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A writable root URI on local disk, then on the test S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_env") + "/prefix"
+
+
+def test_write_read_exists_roundtrip(root):
+    uri = storage.join(root, "a", "b.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"\x00payload")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"\x00payload"
+    storage.write_bytes(uri, b"replaced")  # overwrite is allowed and complete
+    assert storage.read_bytes(uri) == b"replaced"
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+def test_iter_files_recursive_sorted_and_filtered(root):
+    names = ["z.parquet", "a.parquet", "notes.txt", "train/part-00001.parquet",
+             "train/part-00000.parquet", "val/sub/part-00000.parquet"]
+    for name in names:
+        storage.write_bytes(storage.join(root, name), name.encode())
+    got = list(storage.iter_files(root, suffixes=".parquet"))
+    expected = ["a.parquet", "z.parquet", "train/part-00000.parquet", "train/part-00001.parquet",
+                "val/sub/part-00000.parquet"]
+    assert got == [storage.join(root, n) for n in expected]
+    assert len(list(storage.iter_files(root))) == len(names)
+    # URIs come back in the caller's scheme and can be read directly.
+    assert storage.read_bytes(got[0]) == b"a.parquet"
+
+
+def test_iter_files_missing_directory_raises(root):
+    with pytest.raises(FileNotFoundError, match="cannot list"):
+        list(storage.iter_files(storage.join(root, "nope")))
+
+
+def test_read_missing_file_names_uri(root):
+    uri = storage.join(root, "missing.bin")
+    with pytest.raises(storage.StorageNotFoundError) as info:
+        storage.read_bytes(uri)
+    assert uri in str(info.value)
+
+
+def test_get_filesystem_local_and_file_scheme(tmp_path):
+    fs, path = storage.get_filesystem(f"file://{tmp_path}/x")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x"
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        storage.get_filesystem("gs://bucket/x")
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    s = storage.resolve_s3_settings()
+    assert (s.endpoint, s.scheme, s.region) == ("127.0.0.1:9", "http", "eu-west-1")
+    assert "very-secret" not in repr(s)
+    # Explicit arguments win over the environment.
+    s = storage.resolve_s3_settings(endpoint="https://minio.example:443", region="us-west-2")
+    assert (s.endpoint, s.scheme, s.region) == ("minio.example:443", "https", "us-west-2")
+    opts = storage.fsspec_options("s3://b/k")
+    assert opts["endpoint_url"] == "http://127.0.0.1:9" and opts["key"] == "AK"
+
+
+def test_incomplete_credentials_rejected(monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(storage.StorageError, match="incomplete"):
+        storage.get_filesystem("s3://b/k", access_key="AK")
+
+
+def test_wrong_credentials_give_clear_error(s3_env, s3_server, monkeypatch):
+    if not s3_server.enforces_credentials:
+        pytest.skip("fallback server (moto) accepts any credentials")
+    uri = s3_env + "/data/x.bin"
+    storage.write_bytes(uri, b"ok")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    for action in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"no"),
+                   lambda: list(storage.iter_files(s3_env)), lambda: storage.exists(uri)):
+        with pytest.raises(storage.StoragePermissionError) as info:
+            action()
+        message = str(info.value)
+        assert s3_env in message and "AWS_SECRET_ACCESS_KEY" in message
+        assert "definitely-wrong-secret" not in message
+    # Explicit (correct) arguments override the broken environment.
+    assert storage.read_bytes(uri, access_key=s3_server.access_key,
+                              secret_key=s3_server.secret_key) == b"ok"
+
+
+def test_missing_bucket_gives_clear_error(s3_env):
+    uri = "s3://no-such-bucket-4f1c/data/x.bin"
+    for action in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"x"),
+                   lambda: list(storage.iter_files("s3://no-such-bucket-4f1c/data"))):
+        with pytest.raises(storage.StorageNotFoundError) as info:
+            action()
+        assert "bucket 'no-such-bucket-4f1c' does not exist" in str(info.value)
+        assert "AWS_ENDPOINT_URL" in str(info.value)
+
+
+def test_unreachable_endpoint_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    with pytest.raises(storage.StorageError) as info:
+        storage.read_bytes("s3://bucket/x", endpoint="http://127.0.0.1:9")
+    assert "s3://bucket/x" in str(info.value) and "AWS_ENDPOINT_URL" in str(info.value)

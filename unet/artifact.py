@@ -1,0 +1,384 @@
+"""Model artifacts: a directory holding ``config.json`` and ``model.safetensors`` — nothing pickled.
+
+An artifact is everything inference needs to reproduce a trained model's predictions::
+
+    <dest>/model.safetensors   the state dict (tensors + a JSON header; loading runs no code)
+    <dest>/config.json         {"format_version": 1,
+                                "name": "unet",                      # prefix of model_id
+                                "architecture": "unet",              # key of unet.models.MODELS
+                                "model_kwargs": {...},               # build_model(architecture, **model_kwargs)
+                                "input_size": [h, w],                # the size the model was trained at
+                                "normalization": {"mean": .., "std": ..},
+                                "threshold": 0.5,                    # on sigmoid(logits)
+                                "provenance": {...},                 # command, data, metrics, ... (free form)
+                                "weights_sha256": "...", "num_parameters": N, "unet_version": "..."}
+
+``dest`` may be a local directory or a URI such as ``s3://bucket/prefix`` (via ``unet.storage``).
+Named artifacts shipped with the package live in ``unet/weights/<name>/``; see :func:`list_pretrained`.
+``model_id`` = ``f"{name}-{sha256(model.safetensors)[:12]}"`` identifies the exact weights wherever
+the artifact is copied.
+
+Example:
+    >>> import tempfile, torch
+    >>> from unet.models import build_model
+    >>> from unet.artifact import load_artifact, save_artifact
+    >>> model = build_model("unet", channels=(4, 8, 16)).eval()
+    >>> dest = save_artifact(model, tempfile.mkdtemp() + "/model", architecture="unet",
+    ...                      model_kwargs={"channels": [4, 8, 16]}, input_size=(128, 128),
+    ...                      normalization={"mean": 0.5, "std": 0.25}, provenance={"command": "doctest"})
+    >>> loaded = load_artifact(dest)
+    >>> x = torch.rand(1, 1, 40, 40)
+    >>> torch.equal(loaded.model(x), model(x))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+from safetensors import SafetensorError
+from torch import nn
+
+from . import __version__
+from .models import MODELS, build_model, count_parameters
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_DIR",
+    "WEIGHTS_NAME",
+    "LoadedModel",
+    "list_pretrained",
+    "load_artifact",
+    "save_artifact",
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Package data: named, ready-to-use artifacts (may be absent in a fresh checkout).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+REQUIRED_KEYS = (
+    "format_version",
+    "architecture",
+    "model_kwargs",
+    "input_size",
+    "normalization",
+    "threshold",
+    "weights_sha256",
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded from an artifact: ``model`` (in eval mode), its ``config``, and ``model_id``."""
+
+    model: nn.Module
+    config: dict
+    model_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Where artifacts live: local paths through pathlib, URIs (s3://, file://, ...) through unet.storage.
+
+
+def _is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def _join(location: str, name: str) -> str:
+    if _is_uri(location):
+        from . import storage  # imported lazily: local artifacts need no object-store client
+
+        return storage.join(location, name)
+    return str(Path(location) / name)
+
+
+def _read(location: str, name: str, what: str) -> bytes:
+    path = _join(location, name)
+    if _is_uri(location):
+        from . import storage
+
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path}: {what} not found; a model artifact holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        return storage.read_bytes(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: {what} not found; a model artifact holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return Path(path).read_bytes()
+
+
+def _write(location: str, name: str, data: bytes) -> None:
+    path = _join(location, name)
+    if _is_uri(location):
+        from . import storage
+
+        storage.write_bytes(path, data)
+    else:
+        Path(path).write_bytes(data)
+
+
+def list_pretrained() -> list[str]:
+    """Names of the artifacts shipped in ``unet/weights/`` (each a directory with a config.json)."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def _resolve(name_or_path_or_uri: str | os.PathLike) -> str:
+    """Artifact location for a URI, an existing local directory, or a pretrained name (in that order)."""
+    source = os.fspath(name_or_path_or_uri)
+    if _is_uri(source):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{path}: is a file; a model artifact is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+        return str(path)
+    if source and "/" not in source and os.sep not in source and source not in (".", ".."):
+        if (WEIGHTS_DIR / source / CONFIG_NAME).is_file():
+            return str(WEIGHTS_DIR / source)
+        raise FileNotFoundError(
+            f"{source!r}: no such artifact directory and no pretrained model of that name "
+            f"(pretrained: {', '.join(list_pretrained()) or 'none'})"
+        )
+    raise FileNotFoundError(f"{path}: model artifact directory does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by save and load. `where` prefixes every message so it names the file at fault.
+
+
+def _check_input_size(value, where: str) -> list[int]:
+    if (
+        isinstance(value, (str, bytes))
+        or not hasattr(value, "__len__")
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)
+    ):
+        raise ValueError(f"{where}input_size must be (height, width) as two positive ints, e.g. (128, 128); got {value!r}")
+    return [int(v) for v in value]
+
+
+def _check_normalization(value, where: str) -> dict:
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise ValueError(f"{where}normalization must be a dict with exactly 'mean' and 'std'; got {value!r}")
+    for key in ("mean", "std"):
+        v = value[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{where}normalization[{key!r}] must be a finite number; got {v!r}")
+    if value["std"] <= 0:
+        raise ValueError(f"{where}normalization['std'] must be > 0; got {value['std']!r}")
+    return {"mean": float(value["mean"]), "std": float(value["std"])}
+
+
+def _check_threshold(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"{where}threshold must be a probability in (0, 1), e.g. 0.5; got {value!r}")
+    return float(value)
+
+
+def _check_architecture(value, where: str) -> str:
+    if value not in MODELS:
+        raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(MODELS))}")
+    return value
+
+
+def _build(architecture: str, model_kwargs, where: str) -> nn.Module:
+    if not isinstance(model_kwargs, dict):
+        raise ValueError(f"{where}model_kwargs must be a dict of build_model arguments; got {model_kwargs!r}")
+    try:
+        return build_model(architecture, **model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}model_kwargs {model_kwargs} do not build {architecture!r}: {e}") from e
+
+
+def _compare_state(expected: dict, actual: dict) -> str:
+    """'' if ``actual`` has exactly ``expected``'s keys and shapes, else a one-line description."""
+    problems = []
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    shapes = [
+        f"{k} {list(actual[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in actual and actual[k].shape != expected[k].shape
+    ]
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (got vs expected)", shapes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{label}: {', '.join(items[:5])}{more}")
+    return "; ".join(problems)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel/DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def save_artifact(
+    model: nn.Module,
+    dest: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    model_kwargs: dict | None = None,
+    input_size: tuple[int, int],
+    normalization: dict,
+    threshold: float = 0.5,
+    provenance: dict | None = None,
+    name: str | None = None,
+) -> str:
+    """Write ``model`` as an artifact directory ``dest`` (local path or URI); returns ``dest``.
+
+    Args:
+        model: the trained model (DDP / torch.compile wrappers are unwrapped).
+        dest: directory or URI to write ``config.json`` and ``model.safetensors`` into.
+        architecture: registry name; default the model's own ``architecture``.
+        model_kwargs: ``build_model`` arguments that rebuild it; default ``model.model_kwargs()``.
+            Checked: the rebuilt model must have exactly the same parameter names and shapes.
+        input_size: (height, width) the model was trained at; inference resizes to it.
+        normalization: ``{"mean": .., "std": ..}`` used by ``unet.transforms.normalize``.
+        threshold: probability threshold for the binary mask. Default 0.5.
+        provenance: JSON-serialisable facts about training (command, data URI, metrics, ...).
+        name: prefix of ``model_id``; default ``architecture``.
+
+    Raises:
+        ValueError: a bad argument, or architecture/model_kwargs that do not describe ``model``.
+    """
+    model = _unwrap(model)
+    dest = os.fspath(dest)
+    where = f"save_artifact({dest}): "
+    if architecture is None:
+        architecture = getattr(model, "architecture", None)
+    architecture = _check_architecture(architecture, where)
+    if model_kwargs is None:
+        if not hasattr(model, "model_kwargs"):
+            raise ValueError(f"{where}model_kwargs is required for a {type(model).__name__}")
+        model_kwargs = model.model_kwargs()
+    try:
+        # A JSON round trip turns tuples into lists now, so the config says exactly what load sees.
+        model_kwargs = json.loads(json.dumps(model_kwargs))
+        provenance = json.loads(json.dumps(provenance or {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}model_kwargs and provenance must be JSON-serialisable: {e}") from e
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{where}provenance must be a dict; got {provenance!r}")
+    name = architecture if name is None else name
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"{where}name must be a non-empty string without '/'; got {name!r}")
+
+    reference = _build(architecture, model_kwargs, where)
+    state = model.state_dict()
+    mismatch = _compare_state(reference.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{where}architecture {architecture!r} with model_kwargs {model_kwargs} does not describe this model: {mismatch}")
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    # One metadata key only: safetensors orders several keys differently from run to run, and the
+    # bytes must be deterministic so that the same weights always get the same sha256 / model_id.
+    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "architecture": architecture,
+        "model_kwargs": model_kwargs,
+        "input_size": _check_input_size(input_size, where),
+        "normalization": _check_normalization(normalization, where),
+        "threshold": _check_threshold(threshold, where),
+        "provenance": provenance,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "num_parameters": count_parameters(model),
+        "unet_version": __version__,
+    }
+    if not _is_uri(dest):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: an interrupted save leaves no config (or a stale sha256),
+    # which load_artifact reports instead of silently loading mismatched weights.
+    _write(dest, WEIGHTS_NAME, weights)
+    _write(dest, CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return dest
+
+
+def _parse_config(data: bytes, config_path: str) -> dict:
+    where = f"{config_path}: "
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}malformed JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}must hold a JSON object; got {type(config).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{where}missing key(s) {', '.join(missing)}; re-save the model with unet.artifact.save_artifact")
+    version = config["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}format_version must be a positive int; got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where}format_version {version} is newer than this unet supports ({FORMAT_VERSION}); upgrade unet")
+    _check_architecture(config["architecture"], where)
+    _check_input_size(config["input_size"], where)
+    _check_normalization(config["normalization"], where)
+    _check_threshold(config["threshold"], where)
+    sha = config["weights_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise ValueError(f"{where}weights_sha256 must be 64 lowercase hex digits; got {sha!r}")
+    if not isinstance(config.get("provenance", {}), dict):
+        raise ValueError(f"{where}provenance must be a JSON object; got {config['provenance']!r}")
+    return config
+
+
+def load_artifact(name_or_path_or_uri: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load an artifact by pretrained name, local directory or URI; the model comes back in eval mode.
+
+    Raises:
+        FileNotFoundError: no such directory/name, or config.json / model.safetensors missing.
+        ValueError: malformed config, unknown architecture, weights whose sha256 differs from the
+            config's, or weights that do not fit the architecture (missing/unexpected keys, shapes).
+        Each message names the file and the problem.
+    """
+    location = _resolve(name_or_path_or_uri)
+    config_path = _join(location, CONFIG_NAME)
+    config = _parse_config(_read(location, CONFIG_NAME, CONFIG_NAME), config_path)
+    architecture = config["architecture"]
+    model = _build(architecture, config["model_kwargs"], f"{config_path}: ")
+
+    weights_path = _join(location, WEIGHTS_NAME)
+    weights = _read(location, WEIGHTS_NAME, WEIGHTS_NAME)
+    sha = hashlib.sha256(weights).hexdigest()
+    if sha != config["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path}: sha256 {sha} does not match weights_sha256 {config['weights_sha256']} in "
+            f"{CONFIG_NAME}; the weights were changed or only partly written"
+        )
+    try:
+        tensors = safetensors.torch.load(weights)
+    except SafetensorError as e:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    mismatch = _compare_state(model.state_dict(), tensors)
+    if mismatch:
+        raise ValueError(
+            f"{weights_path}: weights do not fit architecture {architecture!r} with model_kwargs "
+            f"{config['model_kwargs']}: {mismatch}"
+        )
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    name = config.get("name") or architecture
+    return LoadedModel(model=model, config=config, model_id=f"{name}-{sha[:12]}")

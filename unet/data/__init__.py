@@ -1,0 +1,26 @@
+"""Prepared shards -> model batches: Ray Data reader, plain iterator and augmentation.
+
+See :mod:`unet.data.dataset` for the batch format and how the trainer should iterate, and
+:mod:`unet.data.augment` for the augmentations (albumentations) and why.
+"""
+
+from unet.data.augment import AugmentConfig, Augmenter, build_augmentation, sample_seed
+from unet.data.dataset import (
+    DEFAULT_SIZE,
+    READ_COLUMNS,
+    SPLITS,
+    BatchTransform,
+    TorchCollate,
+    collate_torch,
+    iter_batches,
+    read_split,
+    shard_uris,
+    split_uri,
+    table_to_batch,
+)
+
+__all__ = [
+    "AugmentConfig", "Augmenter", "BatchTransform", "DEFAULT_SIZE", "READ_COLUMNS", "SPLITS",
+    "TorchCollate", "build_augmentation", "collate_torch", "iter_batches", "read_split",
+    "sample_seed", "shard_uris", "split_uri", "table_to_batch",
+]

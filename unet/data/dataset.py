@@ -1,0 +1,324 @@
+"""Read prepared shards (``URI/{split}/part-*.parquet``) as model-ready batches.
+
+Two ways in, one transform:
+
+* :func:`read_split` — a lazy, streaming ``ray.data.Dataset`` (for Ray Train and batch jobs);
+* :func:`iter_batches` — a plain Python iterator over the same shards with pyarrow, no Ray (for
+  debugging, notebooks and benchmarks).
+
+Both run :class:`BatchTransform`: decode the PNGs, resize to the training size (image
+area/linear, mask nearest), augment (train split), normalise. Each yields dicts of NumPy arrays::
+
+    {"image": float32 (B, 1, H, W)  normalised with (mean, std),
+     "mask":  float32 (B, 1, H, W)  in {0, 1},
+     "id":    object (B,) str,   "class": object (B,) str}
+
+Augmentation randomness is a function of ``(seed, epoch, sample id)`` only, so the same sample
+gets the same augmentation through either path and in any batch or worker, and a new one each
+epoch.
+
+Using it from Ray Train (the trainer owns these calls)::
+
+    train_ds = read_split(uri, "train", size=(128, 128), augment=AugmentConfig(), seed=cfg.seed)
+    val_ds = read_split(uri, "val", size=(128, 128))
+    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds}, ...)
+    # in the loop, every epoch:
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=256,
+                                          collate_fn=collate_torch, drop_last=True):
+        image, mask = batch["image"].to(device), batch["mask"].to(device)
+
+Per-epoch shuffling without materialising anything: the train split is read with
+``FileShuffleConfig(seed, reseed_after_execution=True)`` — a different shard order every epoch —
+and ``local_shuffle_buffer_size`` in ``iter_torch_batches`` mixes rows across nearby shards
+(a buffer of a few shards' worth of rows; each row is ~2 x H x W x 4 bytes, 128 KiB at 128 px).
+``Dataset.random_shuffle``/``randomize_block_order`` are avoided on purpose: both are barriers
+that pull the whole split into the object store before the first batch.
+
+With ``epoch=None`` (the default for :func:`read_split`) the epoch used for augmentation is Ray
+Data's execution counter for this Dataset, which advances by one each time the Dataset is
+iterated — i.e. once per training epoch — so one Dataset handed to a Trainer yields fresh but
+reproducible augmentations every epoch. Pass ``epoch=`` explicitly to pin it.
+
+Resources: the read and the transform each ask for ``num_cpus`` (default 0.5) per task. On a
+small machine where Ray Train workers hold whole CPUs, requests of 1 CPU would leave Ray Data
+unable to schedule anything and training would stall; fractional requests let both share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from unet import storage
+from unet.data.augment import AugmentConfig, Augmenter, sample_seed
+from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, normalize, resize_image, resize_mask
+
+SPLITS = ("train", "val", "test")
+READ_COLUMNS = ["id", "class", "image_png", "mask_png"]
+DEFAULT_SIZE = (128, 128)
+
+
+def _decode_png(data: bytes, sample_id: str, column: str) -> np.ndarray:
+    if data is None:
+        raise ValueError(f"sample {sample_id!r}: column {column!r} is empty")
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if array is None:
+        raise ValueError(f"sample {sample_id!r}: column {column!r} holds no decodable PNG "
+                         f"({len(data)} bytes)")
+    return array
+
+
+class BatchTransform:
+    """Decode + resize + (augment) + normalise a batch of shard rows.
+
+    Args:
+        size: training size (height, width). Default (128, 128).
+        augment: an :class:`AugmentConfig` to augment, ``None`` for none. Default None.
+        seed: base seed for augmentation. Default 0.
+        epoch: epoch mixed into each sample's seed; ``None`` = Ray Data's execution counter
+            (inside Ray) or 0 (outside). Default None.
+        mean, std: intensity normalisation (stored in the model artifact). Defaults 0.5, 0.25.
+
+    Call it with a dict of NumPy arrays holding the shard columns ``id``, ``class``, ``image_png``
+    and ``mask_png`` (``ray.data`` numpy batches, or :func:`table_to_batch`) and it returns the
+    batch dict described in the module docstring. Rows are never dropped: a row that cannot be
+    decoded raises ``ValueError`` naming its id.
+
+    Example::
+
+        t = BatchTransform(size=(128, 128), augment=AugmentConfig(), seed=0, epoch=3)
+        batch = t(table_to_batch(pq.read_table("train/part-00000.parquet")))
+    """
+
+    def __init__(self, size: tuple[int, int] = DEFAULT_SIZE, augment: AugmentConfig | None = None,
+                 seed: int = 0, epoch: int | None = None, mean: float = DEFAULT_MEAN,
+                 std: float = DEFAULT_STD):
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size={size!r} must be (height, width) with positive integers")
+        if std <= 0:
+            raise ValueError(f"std={std} must be positive")
+        self.size = (int(size[0]), int(size[1]))
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = epoch
+        self.mean, self.std = float(mean), float(std)
+        self._augmenter: Augmenter | None = None
+
+    def __getstate__(self) -> dict:
+        # The albumentations pipeline is rebuilt lazily in each worker process.
+        return {**self.__dict__, "_augmenter": None}
+
+    def _current_epoch(self) -> int:
+        if self.epoch is not None:
+            return int(self.epoch)
+        return _ray_execution_index()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [c for c in READ_COLUMNS if c not in batch]
+        if missing:
+            raise ValueError(f"batch lacks shard column(s) {missing}; got {sorted(batch)}")
+        ids = [str(i) for i in batch["id"]]
+        n = len(ids)
+        h, w = self.size
+        images = np.empty((n, 1, h, w), dtype=np.float32)
+        masks = np.empty((n, 1, h, w), dtype=np.float32)
+        if self.augment is not None and self._augmenter is None:
+            self._augmenter = Augmenter(self.augment, self.size)
+        epoch = self._current_epoch() if self.augment is not None else 0
+        for k, sample_id in enumerate(ids):
+            image = _decode_png(batch["image_png"][k], sample_id, "image_png")
+            mask = _decode_png(batch["mask_png"][k], sample_id, "mask_png")
+            if image.shape != mask.shape:
+                raise ValueError(f"sample {sample_id!r}: image is {image.shape} but mask is "
+                                 f"{mask.shape}; they must match")
+            image = resize_image(image, self.size)
+            mask = (resize_mask(mask, self.size) > 0).astype(np.uint8)
+            if self._augmenter is not None:
+                image, mask = self._augmenter(image, mask, sample_seed(self.seed, epoch, sample_id))
+            images[k, 0] = normalize(image, self.mean, self.std)
+            masks[k, 0] = mask
+        return {"image": images, "mask": masks, "id": np.array(ids, dtype=object),
+                "class": np.array([str(c) for c in batch["class"]], dtype=object)}
+
+
+def _ray_execution_index() -> int:
+    """How many times the Dataset being executed has been executed before (0 outside Ray Data).
+
+    Ray Data counts executions per Dataset in ``DataContext._execution_idx`` and ships the context
+    to every task; its own ``FileShuffleConfig(reseed_after_execution=True)`` uses the same counter.
+    It is private API, hence the defensive lookup: if it disappears in a future Ray, augmentation
+    stays valid but repeats per epoch (pass ``epoch=`` explicitly then).
+    """
+    try:
+        from ray.data import DataContext
+    except ImportError:
+        return 0
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+
+
+def split_uri(uri: str, split: str) -> str:
+    """``URI/split``, after checking that ``split`` is one of train/val/test."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    return storage.join(uri, split)
+
+
+def shard_uris(uri: str, split: str, **storage_kw) -> list[str]:
+    """The shard URIs of one split, sorted; raises ``FileNotFoundError`` if there are none."""
+    root = split_uri(uri, split)
+    try:
+        shards = list(storage.iter_files(root, suffixes=(".parquet",), **storage_kw))
+    except storage.BucketNotFoundError:
+        raise  # already says which bucket is missing and what to check
+    except FileNotFoundError as e:
+        raise storage.StorageNotFoundError(
+            f"no prepared split at {root}: expected {root}/part-*.parquet written by "
+            f"`python -m jobs.prepare --out {uri}`") from e
+    if not shards:
+        raise storage.StorageNotFoundError(
+            f"{root} holds no .parquet shards; expected {root}/part-*.parquet written by "
+            f"`python -m jobs.prepare --out {uri}`")
+    return shards
+
+
+def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
+               augment: AugmentConfig | bool | None = None, seed: int = 0,
+               epoch: int | None = None, shuffle: bool | None = None, batch_size: int = 32,
+               num_cpus: float = 0.5, concurrency: int | None = None,
+               mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
+               endpoint: str | None = None, access_key: str | None = None,
+               secret_key: str | None = None, region: str | None = None):
+    """One split of a prepared URI as a lazy, streaming ``ray.data.Dataset`` of model batches.
+
+    Args:
+        uri: prepared root (local path or ``s3://bucket/prefix``).
+        split: "train", "val" or "test".
+        size: training size (height, width). Default (128, 128).
+        augment: ``AugmentConfig``; ``True`` = defaults; ``None``/``False`` = no augmentation.
+            Default None — pass it for the train split only.
+        seed: seed for augmentation and shard order. Default 0.
+        epoch: pin the augmentation epoch; None = advance with every pass over the Dataset.
+        shuffle: shuffle shard order per pass; None = only when augmenting. Default None.
+        batch_size: rows per transform call (bounds a task's memory; not the training batch).
+        num_cpus: CPUs requested per read and per transform task. Default 0.5.
+        concurrency: max parallel transform tasks; None = Ray's default.
+        mean, std: normalisation. Defaults 0.5, 0.25.
+        endpoint, access_key, secret_key, region: S3 settings (default: AWS_* environment).
+
+    The S3 settings travel inside the pyarrow file system object, so Ray workers do not need the
+    AWS_* variables themselves.
+    """
+    import ray.data
+
+    if augment is True:
+        augment = AugmentConfig()
+    augment = augment or None
+    if shuffle is None:
+        shuffle = augment is not None
+    storage_kw = dict(endpoint=endpoint, access_key=access_key, secret_key=secret_key,
+                      region=region)
+    shards = shard_uris(uri, split, **storage_kw)
+    fs, _ = storage.get_filesystem(uri, **storage_kw)
+    paths = [storage.get_filesystem(s, **storage_kw)[1] for s in shards]
+    file_shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
+    with storage.errors(split_uri(uri, split), "read shards of", **storage_kw):
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
+    # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
+    ds = ds.select_columns(READ_COLUMNS)
+    transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std)
+    return ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                          concurrency=concurrency)
+
+
+def table_to_batch(table) -> dict[str, np.ndarray]:
+    """A pyarrow Table/RecordBatch of shard rows -> the dict of NumPy arrays BatchTransform takes."""
+    return {name: np.array(table.column(name).to_pylist(), dtype=object) for name in READ_COLUMNS}
+
+
+def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
+                 batch_size: int = 16, augment: AugmentConfig | bool | None = None, seed: int = 0,
+                 epoch: int = 0, shuffle: bool = False, drop_last: bool = False,
+                 mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
+                 **storage_kw: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The same batches as :func:`read_split`, without Ray: read shards one at a time with pyarrow.
+
+    Memory holds one shard row group plus one output batch. ``shuffle`` permutes shard order and
+    rows within each shard with ``(seed, epoch)``. With the same ``seed``/``epoch``/``augment``,
+    every sample is identical to the Ray path's (only the order can differ).
+
+    Example::
+
+        for batch in iter_batches("/data/prepared", "val", size=(128, 128), batch_size=8):
+            print(batch["image"].shape, batch["id"][:3])
+    """
+    if augment is True:
+        augment = AugmentConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    transform = BatchTransform(size=size, augment=augment or None, seed=seed, epoch=epoch,
+                               mean=mean, std=std)
+    shards = shard_uris(uri, split, **storage_kw)
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF])
+    if shuffle:
+        shards = [shards[i] for i in rng.permutation(len(shards))]
+    pending: list[dict[str, np.ndarray]] = []
+    pending_rows = 0
+    for shard in shards:
+        fs, path = storage.get_filesystem(shard, **storage_kw)
+        with storage.errors(shard, "read shard", **storage_kw):
+            parquet = pq.ParquetFile(fs.open_input_file(path))
+        try:
+            for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
+                batch = table_to_batch(record_batch)
+                if shuffle:
+                    order = rng.permutation(len(batch["id"]))
+                    batch = {k: v[order] for k, v in batch.items()}
+                try:
+                    out = transform(batch)
+                except ValueError as e:
+                    raise ValueError(f"{shard}: {e}") from e
+                pending.append(out)
+                pending_rows += len(out["id"])
+                while pending_rows >= batch_size:
+                    merged = _concat(pending)
+                    yield {k: v[:batch_size] for k, v in merged.items()}
+                    rest = {k: v[batch_size:] for k, v in merged.items()}
+                    pending_rows -= batch_size
+                    pending = [rest] if pending_rows else []
+        finally:
+            parquet.close()
+    if pending_rows and not drop_last:
+        yield _concat(pending)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: image/mask as CPU torch tensors, id/class as lists.
+
+    Ray's default collate turns every column into a tensor and fails on the string columns; this
+    keeps them as Python lists so evaluation can report per-image results. Because the output is
+    not all tensors, Ray does not move it to the device: call ``.to(device)`` on image/mask.
+    (When ids are not needed, ``ds.select_columns(["image", "mask"])`` + the default collate also
+    works and moves tensors to the device itself.)
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        return {"image": torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)),
+                "mask": torch.from_numpy(np.ascontiguousarray(batch["mask"], dtype=np.float32)),
+                "id": [str(i) for i in batch["id"]], "class": [str(c) for c in batch["class"]]}
+
+
+collate_torch = TorchCollate()

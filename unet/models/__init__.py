@@ -1,0 +1,59 @@
+"""The UNet family for binary segmentation: one argument vocabulary, a registry, any input size.
+
+All models are fully convolutional and return logits ``(B, out_channels, H, W)`` for input
+``(B, in_channels, H, W)`` of any H, W (padded to a multiple of ``2 ** depth`` and cropped back).
+
+Example:
+    >>> import torch
+    >>> from unet.models import build_model, count_parameters
+    >>> model = build_model("attention_unet", channels=(8, 16, 32)).eval()
+    >>> model(torch.rand(1, 1, 64, 64)).shape
+    torch.Size([1, 1, 64, 64])
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .attention_unet import AttentionGate, AttentionUNet
+from .base import DEFAULT_CHANNELS, SegmentationModel, count_parameters
+from .unet import UNet
+from .unet_plus_plus import UNetPlusPlus
+
+__all__ = [
+    "DEFAULT_CHANNELS",
+    "MODELS",
+    "AttentionGate",
+    "AttentionUNet",
+    "SegmentationModel",
+    "UNet",
+    "UNetPlusPlus",
+    "build_model",
+    "count_parameters",
+]
+
+MODELS: dict[str, type[SegmentationModel]] = {
+    cls.architecture: cls for cls in (UNet, AttentionUNet, UNetPlusPlus)
+}
+
+
+def build_model(name: str, **kwargs) -> SegmentationModel:
+    """Build a model by registry name (``"unet"``, ``"attention_unet"``, ``"unet_plus_plus"``).
+
+    Raises:
+        KeyError: unknown name; the message lists the valid names.
+        TypeError: an argument the architecture does not take; the message lists those it does.
+        ValueError: a bad argument value; the message names the argument and the fix.
+    """
+    try:
+        cls = MODELS[name]
+    except (KeyError, TypeError) as e:
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}") from e
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(
+            f"build_model({name!r}) got unexpected argument(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(params)}"
+        )
+    return cls(**kwargs)

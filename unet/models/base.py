@@ -1,0 +1,142 @@
+"""What every architecture shares: the argument vocabulary and its checks, padding, initialisation.
+
+Each architecture subclasses :class:`SegmentationModel`, builds its layers in ``__init__`` and
+implements :meth:`SegmentationModel.forward_padded`; ``forward`` (here, once) pads the input to a
+multiple of ``2 ** depth`` so every pooling divides evenly, and crops the logits back, so any
+input size works (e.g. BUSI's 471×562).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DEFAULT_CHANNELS", "NORMS", "PAD_MODES", "SegmentationModel", "count_parameters"]
+
+# The seed model's filters: 16 -> 256 over 5 levels, i.e. 4 poolings.
+DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
+NORMS = ("batch", "instance", "none")
+# Names follow nn.Conv2d's padding_mode vocabulary; value = mode for F.pad.
+PAD_MODES = {"replicate": "replicate", "zeros": "constant"}
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (elements) in ``model``; only those with ``requires_grad`` if asked."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _positive_int(name: str, value, example: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, e.g. {name}={example}; got {value!r}")
+    return int(value)
+
+
+def _check_channels(channels) -> tuple[int, ...]:
+    hint = "one positive int per level, at least 2 levels, e.g. channels=(16, 32, 64, 128, 256)"
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        raise ValueError(f"channels must be a sequence of {hint}; got {channels!r}")
+    if len(channels) < 2:
+        raise ValueError(f"channels needs at least 2 levels (one pooling); {hint}; got {tuple(channels)!r}")
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in channels):
+        raise ValueError(f"channels must hold {hint}; got {tuple(channels)!r}")
+    return tuple(int(c) for c in channels)
+
+
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1) (0 disables it), e.g. dropout=0.07; got {dropout!r}")
+    return float(dropout)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}")
+    return value
+
+
+class SegmentationModel(nn.Module):
+    """Base class of the UNet family: checks the shared arguments, pads/crops in ``forward``.
+
+    Subclasses set ``architecture`` (their registry name), build their layers after calling
+    ``super().__init__``, call :meth:`initialize` last, and implement :meth:`forward_padded`,
+    which only ever sees inputs whose height and width are multiples of ``2 ** depth``.
+
+    Args:
+        in_channels: input image channels. Default 1 (grey ultrasound).
+        out_channels: output logit channels. Default 1 (lesion vs background).
+        channels: filters per level, shallowest first; ``len(channels) - 1`` poolings.
+            Default ``(16, 32, 64, 128, 256)``.
+        dropout: dropout probability inside every conv block, in [0, 1). Default 0.07.
+        norm: ``"batch"``, ``"instance"`` or ``"none"``. Default ``"batch"``.
+        pad_mode: how inputs are padded to a multiple of ``2 ** depth``: ``"replicate"``
+            (edge pixels, default; no artificial black border) or ``"zeros"``.
+    """
+
+    architecture: str = ""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = DEFAULT_CHANNELS,
+        dropout: float = 0.07,
+        norm: str = "batch",
+        pad_mode: str = "replicate",
+    ) -> None:
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels, "1")
+        self.out_channels = _positive_int("out_channels", out_channels, "1")
+        self.channels = _check_channels(channels)
+        self.dropout = _check_dropout(dropout)
+        self.norm = _check_choice("norm", norm, NORMS)
+        self.pad_mode = _check_choice("pad_mode", pad_mode, PAD_MODES)
+        self.depth = len(self.channels) - 1
+
+    def model_kwargs(self) -> dict:
+        """The keyword arguments that rebuild this model with ``build_model`` (JSON-ready)."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "channels": list(self.channels),
+            "dropout": self.dropout,
+            "norm": self.norm,
+            "pad_mode": self.pad_mode,
+        }
+
+    def initialize(self) -> None:
+        """He (Kaiming) initialisation for the ReLU convolutions, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits ``(B, out_channels, H, W)`` for input ``(B, in_channels, H, W)`` of any H, W."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) "
+                f"(in_channels={self.in_channels}); got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        multiple = 2**self.depth
+        pad_h, pad_w = -height % multiple, -width % multiple
+        # Split the padding evenly so the image stays centred in the padded grid.
+        top, left = pad_h // 2, pad_w // 2
+        if pad_h or pad_w:
+            x = F.pad(x, (left, pad_w - left, top, pad_h - top), mode=PAD_MODES[self.pad_mode])
+        out = self.forward_padded(x)
+        if isinstance(out, list):
+            return [o[..., top : top + height, left : left + width] for o in out]
+        return out[..., top : top + height, left : left + width]
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits for ``x`` whose height and width are multiples of ``2 ** depth``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_padded")

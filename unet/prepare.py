@@ -1,0 +1,581 @@
+"""Turn a BUSI folder or generated phantoms into leakage-safe Parquet shards plus a manifest.
+
+This is the first step of the pipeline (source -> shards -> Ray Data -> model); training and
+evaluation read only what it writes. ``jobs/prepare.py`` is the command line around
+:func:`prepare`.
+
+Steps:
+
+1. **Read** the source into records (id, class, source, grey image and 0/255 mask as PNG bytes).
+   BUSI (:func:`read_busi`): ``Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME.png`` with
+   ``NAME_mask.png`` and possibly ``NAME_mask_1.png``, ``NAME_mask_2.png``... which are OR-merged.
+   Images (RGB, RGBA, grey, palette, 16-bit) become 8-bit grey; masks become 0/255 (any non-zero
+   colour channel counts as lesion). Files that cannot be used are *skipped with a reason*
+   (missing mask, mask size differs from the image, unreadable file, mask without image, ...)
+   and listed in the manifest, or with ``strict=True`` the run fails listing them all.
+2. **Group near-duplicates** (:func:`group_duplicates`): 64-bit perceptual hash (DCT pHash,
+   ``imagehash.phash``) of every grey image; two images whose hashes differ in at most
+   ``hash_threshold`` bits (default :data:`DEFAULT_HASH_THRESHOLD` = 10) are linked, and linked
+   images form groups transitively (union-find). On the 623 shared BUSI images every pair at
+   distance <= 10 inspected by eye is the same lesion (same scan, re-cropped or re-measured);
+   at 12 the first pairs of different patients appear and at 14 they dominate. Threshold 10
+   gives 475 groups, 115 of them with 2-7 images (263 images), 8 spanning two classes.
+3. **Split** (:func:`assign_splits`): whole groups go to train/val/test, stratified by the
+   group's majority class, filling each split towards its ratio (largest group first, seeded
+   order among equals). Near-duplicates therefore never straddle two splits.
+4. **Write** (:func:`write_dataset`) ``URI/{split}/part-00000.parquet``... (schema
+   :data:`SHARD_SCHEMA`) and ``URI/manifest.json`` through :mod:`unet.storage` (local path or
+   ``s3://``). Same inputs and arguments give byte-identical shards; part files left over from a
+   previous run with more shards are deleted, and the manifest is written last (it is removed
+   first, so a half-finished run is never mistaken for a finished one).
+
+Example::
+
+    from unet.prepare import PrepareConfig, prepare
+    manifest = prepare(PrepareConfig(source="phantoms", num=40, seed=0, size=(128, 128), out="/tmp/p"))
+    manifest["counts"]["train"]   # {"benign": .., "malignant": .., "normal": .., "total": ..}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import struct
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import imagehash
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unet import storage
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CLASSES = ("benign", "malignant", "normal")
+SPLITS = ("train", "val", "test")
+DEFAULT_RATIOS = (0.7, 0.15, 0.15)
+DEFAULT_SHARD_SIZE = 64
+HASH_SIZE = 8  # pHash of 8x8 DCT coefficients = 64 bits
+DEFAULT_HASH_THRESHOLD = 10  # max Hamming distance (bits) between near-duplicates, see module doc
+BUSI_FOLDER = "Dataset_BUSI_with_GT"
+MANIFEST = "manifest.json"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("class", pa.string(), nullable=False),
+        pa.field("image_png", pa.binary(), nullable=False),  # 8-bit grey PNG
+        pa.field("mask_png", pa.binary(), nullable=False),  # 8-bit PNG, values 0/255
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),  # id of the group's first member
+        pa.field("source", pa.string(), nullable=False),  # "busi:benign/benign (1).png", "phantoms:seed=0,index=3"
+    ],
+    metadata={"unet.schema_version": str(SCHEMA_VERSION)},
+)
+_STATS_COLUMNS = ["id", "class", "height", "width", "group", "source"]  # not the PNG blobs
+_PART_RE = re.compile(r"^part-\d{5}\.parquet$")
+_MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")
+# Everything Pillow raises for a file that is not a decodable image.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+__all__ = ["SCHEMA_VERSION", "CLASSES", "SPLITS", "DEFAULT_RATIOS", "DEFAULT_SHARD_SIZE",
+           "DEFAULT_HASH_THRESHOLD", "SHARD_SCHEMA", "SourceDataError", "Record", "Skipped",
+           "PrepareConfig", "to_grey8", "to_binary_mask", "find_busi_root", "read_busi",
+           "read_phantoms", "perceptual_hash", "group_duplicates", "assign_splits",
+           "write_dataset", "prepare", "read_manifest", "natural_key"]
+
+
+class SourceDataError(ValueError):
+    """The source cannot be used: no usable images, or bad files while ``strict`` is on."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image ready for a shard (PNG-encoded) with its perceptual hash."""
+
+    id: str
+    cls: str
+    source: str
+    height: int
+    width: int
+    image_png: bytes
+    mask_png: bytes
+    phash: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source file that was not used, and why (``path`` relative to the dataset folder)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that determines the output (recorded in the manifest; credentials are not here).
+
+    Args:
+        source: ``"busi"`` (needs ``input``) or ``"phantoms"`` (needs ``num``).
+        out: output URI, a local directory or ``s3://bucket/prefix``.
+        input: BUSI folder: the one holding ``Dataset_BUSI_with_GT/`` or that folder itself.
+        num, size: number and (height, width) of phantoms.
+        seed: phantom generation and split order.
+        ratios: train/val/test fractions (normalised to sum 1; zero allowed, e.g. no test split).
+        shard_size: rows per Parquet file.
+        hash_threshold: max pHash Hamming distance (0-64) for two images to be near-duplicates.
+        strict: fail on any bad source file instead of skipping it.
+    """
+
+    source: str
+    out: str
+    input: str | None = None
+    num: int = 0
+    seed: int = 0
+    size: tuple[int, int] = (256, 256)
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    shard_size: int = DEFAULT_SHARD_SIZE
+    hash_threshold: int = DEFAULT_HASH_THRESHOLD
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in ("busi", "phantoms"):
+            raise ValueError(f"source must be 'busi' or 'phantoms', got {self.source!r}")
+        if self.source == "busi" and not self.input:
+            raise ValueError("source 'busi' needs input: the folder holding Dataset_BUSI_with_GT/")
+        if self.source == "phantoms" and self.num < 1:
+            raise ValueError(f"source 'phantoms' needs num >= 1, got {self.num}")
+        if len(self.size) != 2 or min(self.size) < 16:
+            raise ValueError(f"size must be (height, width) with both >= 16, got {self.size!r}")
+        if len(self.ratios) != 3 or any(not math.isfinite(r) or r < 0 for r in self.ratios) \
+                or sum(self.ratios) <= 0:
+            raise ValueError(f"ratios must be three non-negative numbers (train, val, test) with a "
+                             f"positive sum, got {self.ratios!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if not 0 <= self.hash_threshold <= HASH_SIZE * HASH_SIZE:
+            raise ValueError(f"hash_threshold must be in [0, {HASH_SIZE * HASH_SIZE}], got {self.hash_threshold}")
+        if not str(self.out):
+            raise ValueError("out must be a local directory or an s3:// URI")
+
+    @property
+    def split_ratios(self) -> tuple[float, float, float]:
+        total = float(sum(self.ratios))
+        return tuple(r / total for r in self.ratios)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"], d["ratios"] = list(self.size), list(self.ratios)
+        if self.source == "busi":
+            del d["num"], d["size"]  # meaningless for BUSI; keeps the record honest
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``"benign (2)"`` before ``"benign (10)"``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, or raise ValueError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            return img.copy() if img.mode != "P" else img.convert("RGBA" if "transparency" in img.info else "RGB")
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"unreadable image file {path}: {type(e).__name__}: {e}") from e
+
+
+def to_grey8(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> (H, W) uint8 grey.
+
+    Colour -> ITU-R 601 luma (Pillow's ``convert("L")``), alpha dropped; 16/32-bit grey is taken
+    as full range and scaled by 255/65535 (16-bit PNGs are full range).
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(img, dtype=np.float64)
+        return np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def to_binary_mask(img: Image.Image) -> np.ndarray:
+    """Any Pillow mask -> (H, W) bool: True where any colour channel is non-zero (alpha ignored)."""
+    values = np.asarray(img)
+    if values.ndim == 3:
+        values = values[..., :3] if values.shape[2] >= 3 else values[..., :1]  # drop alpha
+        return (values > 0).any(axis=2)
+    return values > 0
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:  # cv2 reports failure by a flag, not an exception
+        raise ValueError(f"could not PNG-encode an array of shape {array.shape} and dtype {array.dtype}")
+    return encoded.tobytes()
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit DCT perceptual hash (``imagehash.phash``) of a (H, W) uint8 grey image, as an int."""
+    bits = imagehash.phash(Image.fromarray(image), hash_size=HASH_SIZE).hash.flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _record(id_: str, cls: str, source: str, image: np.ndarray, mask: np.ndarray) -> Record:
+    mask8 = np.where(mask > 0, 255, 0).astype(np.uint8)
+    return Record(id=id_, cls=cls, source=source, height=int(image.shape[0]), width=int(image.shape[1]),
+                  image_png=_png(image), mask_png=_png(mask8), phash=perceptual_hash(image))
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+def find_busi_root(input_dir: str | Path) -> Path:
+    """The ``Dataset_BUSI_with_GT`` folder: ``input_dir/Dataset_BUSI_with_GT`` or `input_dir` itself
+    when it directly holds class folders."""
+    base = Path(input_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"BUSI input {base} is not a directory")
+    if (base / BUSI_FOLDER).is_dir():
+        return base / BUSI_FOLDER
+    if any((base / cls).is_dir() for cls in CLASSES):
+        return base
+    raise FileNotFoundError(f"BUSI input {base} holds neither {BUSI_FOLDER}/ nor any of the class folders "
+                            f"{', '.join(c + '/' for c in CLASSES)}; expected BUSI's layout "
+                            f"{BUSI_FOLDER}/{{benign,malignant,normal}}/NAME.png + NAME_mask.png")
+
+
+def read_busi(input_dir: str | Path, progress: Callable[[int, int], None] | None = None
+              ) -> tuple[list[Record], list[Skipped]]:
+    """Read a BUSI-layout folder into records (sorted by id) and the list of skipped files.
+
+    Never raises for a bad file: each becomes a :class:`Skipped` entry (and a log warning).
+    """
+    root = find_busi_root(input_dir)
+    skipped: list[Skipped] = []
+    todo: list[tuple[str, str, Path, list[Path]]] = []  # (id, class, image, masks)
+    seen: dict[str, str] = {}
+
+    def skip(path: str, reason: str) -> None:
+        log.warning("skipped %s: %s", path, reason)
+        skipped.append(Skipped(path, reason))
+
+    for cls in CLASSES:
+        folder = root / cls
+        if not folder.is_dir():
+            skip(f"{cls}/", "class folder missing")
+            continue
+        images: dict[str, Path] = {}
+        masks: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+        for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+            rel = f"{cls}/{path.name}"
+            if not path.is_file() or path.suffix.lower() != ".png":
+                skip(rel, "not a .png file")
+                continue
+            match = _MASK_RE.match(path.stem)
+            if match:
+                masks[match["stem"]].append((int(match["index"] or 0), path))
+            else:
+                images[path.stem] = path
+        for stem in sorted(set(masks) - set(images), key=natural_key):
+            for _, path in sorted(masks[stem]):
+                skip(f"{cls}/{path.name}", f"mask without image (no {stem}.png)")
+        for stem in sorted(images, key=natural_key):
+            rel = f"{cls}/{images[stem].name}"
+            if stem in seen:
+                skip(rel, f"duplicate id {stem!r}: also in {seen[stem]}/")
+            elif not masks.get(stem):
+                skip(rel, f"missing mask (expected {stem}_mask.png)")
+            else:
+                seen[stem] = cls
+                todo.append((stem, cls, images[stem], [p for _, p in sorted(masks[stem])]))
+
+    records: list[Record] = []
+    for done, (stem, cls, image_path, mask_paths) in enumerate(todo, 1):
+        rel = f"{cls}/{image_path.name}"
+        try:
+            image = to_grey8(_open(image_path))
+            lesion = np.zeros(image.shape, dtype=bool)
+            for mask_path in mask_paths:
+                mask = to_binary_mask(_open(mask_path))
+                if mask.shape != image.shape:
+                    raise ValueError(f"mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but "
+                                     f"the image is {image.shape[1]}x{image.shape[0]}")
+                lesion |= mask
+        except ValueError as e:
+            skip(rel, str(e).replace(str(root) + "/", ""))
+        else:
+            records.append(_record(stem, cls, f"busi:{rel}", image, lesion))
+        if progress:
+            progress(done, len(todo))
+    records.sort(key=lambda r: natural_key(r.id))
+    return records, skipped
+
+
+def read_phantoms(num: int, seed: int = 0, size: tuple[int, int] = (256, 256),
+                  progress: Callable[[int, int], None] | None = None) -> list[Record]:
+    """Generate `num` phantoms (:func:`unet.phantoms.generate`) as records sorted by id."""
+    from unet.phantoms import generate
+
+    records = []
+    for index, p in enumerate(generate(num, seed=seed, size=size)):
+        records.append(_record(p.id, p.kind, f"phantoms:seed={seed},index={index}", p.image, p.mask))
+        if progress:
+            progress(index + 1, num)
+    records.sort(key=lambda r: natural_key(r.id))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicate groups and splits
+# --------------------------------------------------------------------------------------------
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def group_duplicates(hashes: Sequence[int], threshold: int = DEFAULT_HASH_THRESHOLD) -> list[int]:
+    """Group items whose hashes are within `threshold` bits, transitively (union-find).
+
+    Returns, per item, the index of its group's representative: the group's smallest index (so
+    with items sorted by id, the representative is the group's first id).
+    """
+    n = len(hashes)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    values = np.array([int(h) for h in hashes], dtype=np.uint64)
+    block = 512  # compare 512 hashes against all at a time: O(n^2) work, O(512 n) memory
+    for start in range(0, n, block):
+        xor = values[start:start + block, None] ^ values[None, :]
+        distance = _POPCOUNT[xor.view(np.uint8)].reshape(xor.shape + (8,)).sum(axis=2)
+        for i, j in zip(*np.nonzero(distance <= threshold)):
+            a, b = find(int(i) + start), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [find(i) for i in range(n)]
+
+
+def assign_splits(classes: Sequence[str], groups: Sequence[int], ratios: Sequence[float],
+                  seed: int = 0) -> list[str]:
+    """Split name per item; all items of a group get the same split.
+
+    Groups are stratified by their majority class (ties: first in :data:`CLASSES`). Within a
+    class, groups are taken largest first (seeded random order among equal sizes) and each goes
+    to the split furthest below its target count (ratio x images of that class); splits with
+    ratio 0 get nothing. Deterministic for given inputs and seed.
+    """
+    if len(classes) != len(groups):
+        raise ValueError(f"classes ({len(classes)}) and groups ({len(groups)}) differ in length")
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    strata: dict[str, list[int]] = defaultdict(list)
+    for root in sorted(members):
+        counts = Counter(classes[i] for i in members[root])
+        order = list(CLASSES) + sorted(set(counts) - set(CLASSES))
+        strata[max(order, key=lambda c: counts.get(c, 0))].append(root)
+
+    open_splits = [k for k, r in enumerate(ratios) if r > 0]
+    rng = np.random.default_rng(seed)
+    result = [""] * len(classes)
+    for cls in sorted(strata, key=lambda c: (c not in CLASSES, CLASSES.index(c) if c in CLASSES else 0, c)):
+        roots = [strata[cls][k] for k in rng.permutation(len(strata[cls]))]
+        roots.sort(key=lambda r: -len(members[r]))  # stable: the seeded order survives among equals
+        total = sum(len(members[r]) for r in roots)
+        have = [0] * len(ratios)
+        for root in roots:
+            split = max(open_splits, key=lambda k: ratios[k] * total - have[k])
+            have[split] += len(members[root])
+            for i in members[root]:
+                result[i] = SPLITS[split]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def _shard_bytes(rows: Sequence[Record], groups: Sequence[str]) -> bytes:
+    table = pa.Table.from_pydict({
+        "id": [r.id for r in rows],
+        "class": [r.cls for r in rows],
+        "image_png": [r.image_png for r in rows],
+        "mask_png": [r.mask_png for r in rows],
+        "height": [r.height for r in rows],
+        "width": [r.width for r in rows],
+        "group": list(groups),
+        "source": [r.source for r in rows],
+    }, schema=SHARD_SCHEMA)
+    sink = io.BytesIO()
+    # No timestamps go into a Parquet file, so identical rows give identical bytes.
+    pq.write_table(table, sink, compression="zstd", use_dictionary=["class", "group"],
+                   write_statistics=_STATS_COLUMNS, row_group_size=max(len(rows), 1))
+    return sink.getvalue()
+
+
+def write_dataset(out: str, records: Sequence[Record], splits: Sequence[str], group_ids: Sequence[str],
+                  *, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, manifest: dict,
+                  **storage_kw) -> dict:
+    """Write shards for every split and then ``manifest.json`` (completed with the shard list).
+
+    Rows of a split are in a seeded random order, so each shard mixes classes (readers that
+    stream shards shuffle better). An empty split still gets one empty shard, so every split
+    has a readable schema. Returns the manifest as written.
+    """
+    manifest_uri = storage.join(out, MANIFEST)
+    storage.makedirs(out, **storage_kw)
+    # Remove the old manifest first: until the new one is written the folder is visibly unfinished.
+    storage.delete(manifest_uri, missing_ok=True, **storage_kw)
+
+    shards = []
+    for split_index, split in enumerate(SPLITS):
+        idx = [i for i, s in enumerate(splits) if s == split]
+        order = np.random.default_rng([int(seed), split_index]).permutation(len(idx))
+        idx = [idx[k] for k in order]
+        n_shards = max(1, math.ceil(len(idx) / shard_size))
+        written = set()
+        for k in range(n_shards):
+            part = idx[k * shard_size:(k + 1) * shard_size]
+            data = _shard_bytes([records[i] for i in part], [group_ids[i] for i in part])
+            name = f"part-{k:05d}.parquet"
+            storage.write_bytes(storage.join(out, split, name), data, **storage_kw)
+            written.add(name)
+            shards.append({"path": f"{split}/{name}", "split": split, "rows": len(part),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        _remove_stale_parts(storage.join(out, split), written, storage_kw)
+
+    manifest = dict(manifest, shards=shards)
+    storage.write_bytes(manifest_uri, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode(),
+                        **storage_kw)
+    return manifest
+
+
+def _remove_stale_parts(split_uri: str, keep: set[str], storage_kw: dict) -> None:
+    """Delete ``part-NNNNN.parquet`` files a previous, larger run left behind (nothing else)."""
+    fs, path = storage.get_filesystem(split_uri, **storage_kw)
+    with storage.errors(split_uri, "list", **storage_kw):
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    for entry in entries:
+        if entry.type == pafs.FileType.File and _PART_RE.match(entry.base_name) and entry.base_name not in keep:
+            log.info("removing stale shard %s from an earlier run", storage.join(split_uri, entry.base_name))
+            storage.delete(storage.join(split_uri, entry.base_name), **storage_kw)
+
+
+def _counts(records: Sequence[Record], splits: Sequence[str]) -> dict:
+    counts: dict = {}
+    for split in (*SPLITS, "total"):
+        c = Counter(r.cls for r, s in zip(records, splits) if split == "total" or s == split)
+        counts[split] = {cls: c.get(cls, 0) for cls in CLASSES} | {"total": sum(c.values())}
+    return counts
+
+
+def _group_stats(records: Sequence[Record], roots: Sequence[int], splits: Sequence[str],
+                 threshold: int) -> dict:
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, root in enumerate(roots):
+        members[root].append(i)
+    multi = [m for m in members.values() if len(m) > 1]
+    split_of_group = {root: splits[root] for root in members}
+    return {
+        "method": f"imagehash.phash (hash_size={HASH_SIZE}, 64 bits), union-find over pairs within threshold",
+        "hash_threshold": threshold,
+        "total": len(members),
+        "with_duplicates": len(multi),
+        "images_in_groups_with_duplicates": sum(len(m) for m in multi),
+        "largest": max((len(m) for m in members.values()), default=0),
+        "sizes": {str(k): v for k, v in sorted(Counter(len(m) for m in members.values()).items())},
+        "mixed_class": sum(1 for m in multi if len({records[i].cls for i in m}) > 1),
+        "per_split": {s: sum(1 for v in split_of_group.values() if v == s) for s in SPLITS},
+        "spanning_splits": sum(1 for m in members.values() if len({splits[i] for i in m}) > 1),
+    }
+
+
+def _software() -> dict:
+    import PIL
+
+    import unet
+
+    return {"unet": unet.__version__, "pyarrow": pa.__version__, "imagehash": imagehash.__version__,
+            "pillow": PIL.__version__, "opencv": cv2.__version__, "numpy": np.__version__}
+
+
+def prepare(config: PrepareConfig, *, command: str | None = None,
+            progress: Callable[[str, int, int], None] | None = None, **storage_kw) -> dict:
+    """Read the source, group near-duplicates, split, write shards and manifest; return the manifest.
+
+    Args:
+        config: what to prepare (recorded in the manifest).
+        command: the command line to record (pass it with secrets already removed).
+        progress: optional ``callback(stage, done, total)`` for a job's progress line.
+        **storage_kw: ``endpoint``, ``access_key``, ``secret_key``, ``region`` for
+            :func:`unet.storage.get_filesystem` (never recorded).
+
+    Raises:
+        SourceDataError: nothing usable was found, or ``config.strict`` and some file was bad.
+    """
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    if config.source == "busi":
+        records, skipped = read_busi(config.input, progress=stage("read"))
+        where = f"BUSI folder {config.input}"
+    else:
+        records, skipped = read_phantoms(config.num, config.seed, tuple(config.size), progress=stage("generate")), []
+        where = f"{config.num} phantoms"
+    if skipped and config.strict:
+        listing = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:20])
+        more = f" (and {len(skipped) - 20} more)" if len(skipped) > 20 else ""
+        raise SourceDataError(f"{len(skipped)} bad file(s) in {where} and --strict is on: {listing}{more}")
+    if not records:
+        raise SourceDataError(f"no usable images in {where} ({len(skipped)} file(s) skipped)")
+
+    roots = group_duplicates([r.phash for r in records], config.hash_threshold)
+    splits = assign_splits([r.cls for r in records], roots, config.split_ratios, config.seed)
+    group_ids = [records[root].id for root in roots]
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": config.source,
+        "columns": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "counts": _counts(records, splits),
+        "groups": _group_stats(records, roots, splits, config.hash_threshold),
+        "command": command,
+        "config": config.to_dict(),
+        "software": _software(),
+        "skipped": [asdict(s) for s in skipped],
+    }
+    return write_dataset(config.out, records, splits, group_ids, shard_size=config.shard_size,
+                         seed=config.seed, manifest=manifest, **storage_kw)
+
+
+def read_manifest(uri: str, **storage_kw) -> dict:
+    """Load ``uri/manifest.json`` written by :func:`prepare`."""
+    raw = storage.read_bytes(storage.join(uri, MANIFEST), **storage_kw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{storage.join(uri, MANIFEST)} is not valid JSON: {e}") from e

@@ -1,0 +1,379 @@
+"""One way to reach files, whether they sit on local disk or in an S3-compatible object store.
+
+Every job takes a URI — a local path, ``file:///abs/path`` or ``s3://bucket/prefix`` — and every
+job reads and writes through this module, so the rules for endpoint, credentials and region live
+in one place:
+
+* endpoint: the ``endpoint`` argument, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``
+  (``http://host:port`` selects plain HTTP; a bare ``host:port`` means HTTPS); unset = AWS itself.
+* credentials: ``access_key``/``secret_key`` arguments, else ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``); unset = the AWS SDK's own chain
+  (``~/.aws/credentials``, instance metadata).
+* region: ``region`` argument, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+
+The file systems are pyarrow's, because Parquet I/O and Ray Data (``read_parquet(...,
+filesystem=fs)``) take them directly and they pickle to Ray workers with their settings.
+
+Failures come back as :class:`StorageError` (an ``OSError``) whose message names the URI, what
+went wrong and which variables or flags to check. Secrets never appear in messages.
+
+Example::
+
+    from unet import storage
+    storage.write_bytes("s3://my-bucket/run1/hello.txt", b"hi")   # endpoint etc. from AWS_* env
+    for uri in storage.iter_files("s3://my-bucket/run1", suffixes=(".txt",)):
+        print(uri, storage.read_bytes(uri))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+DEFAULT_REGION = "us-east-1"
+
+# Shown in every S3 error so users know what to check without reading this module.
+_S3_SETTINGS_HINT = (
+    "Check the endpoint (--endpoint or AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the credentials "
+    "(--access-key/--secret-key or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region "
+    "(--region or AWS_REGION / AWS_DEFAULT_REGION)."
+)
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI, the cause and what to check."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The object, directory or bucket behind a URI does not exist."""
+
+
+class BucketNotFoundError(StorageNotFoundError):
+    """The S3 bucket named in a URI does not exist (as opposed to a key inside it)."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The store refused the request: wrong credentials or no permission on the bucket."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Resolved S3 connection settings (arguments first, then environment)."""
+
+    endpoint: str | None  # "host:port" without scheme, or None for AWS
+    scheme: str  # "http" or "https"
+    access_key: str | None
+    secret_key: str | None
+    session_token: str | None
+    region: str
+
+    def __repr__(self) -> str:  # never leak the secret through logs or tracebacks
+        return (f"S3Settings(endpoint={self.endpoint!r}, scheme={self.scheme!r}, "
+                f"access_key={'set' if self.access_key else None}, "
+                f"secret_key={'***' if self.secret_key else None}, region={self.region!r})")
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return f"{self.scheme}://{self.endpoint}" if self.endpoint else None
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def resolve_s3_settings(*, endpoint: str | None = None, access_key: str | None = None,
+                        secret_key: str | None = None, region: str | None = None) -> S3Settings:
+    """Merge explicit arguments with the AWS environment variables (arguments win)."""
+    env = os.environ
+    endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    scheme = "https"
+    if endpoint:
+        match = re.match(r"^(https?)://(.*)$", endpoint.strip())
+        if match:
+            scheme, endpoint = match.group(1), match.group(2)
+        endpoint = endpoint.rstrip("/")
+    # A session token belongs to the key it was issued with, i.e. only to the one from the env.
+    session_token = None if access_key else env.get("AWS_SESSION_TOKEN") or None
+    access_key = access_key or env.get("AWS_ACCESS_KEY_ID") or None
+    secret_key = secret_key or env.get("AWS_SECRET_ACCESS_KEY") or None
+    if bool(access_key) != bool(secret_key):
+        raise StorageError(
+            "S3 credentials are incomplete: an access key was given without a secret key or the other "
+            "way round. Set both --access-key and --secret-key, or both AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY.")
+    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    return S3Settings(endpoint, scheme, access_key, secret_key, session_token, region)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    # Cached because creating an S3 client costs a few ms and every helper call needs one;
+    # the key is the full resolved settings, so changing the environment gives a new client.
+    kwargs = dict(region=settings.region, scheme=settings.scheme,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+                  connect_timeout=5.0)
+    if settings.endpoint:
+        kwargs["endpoint_override"] = settings.endpoint
+    if settings.access_key:
+        kwargs.update(access_key=settings.access_key, secret_key=settings.secret_key,
+                      session_token=settings.session_token)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def get_filesystem(uri: str, *, endpoint: str | None = None, access_key: str | None = None,
+                   secret_key: str | None = None, region: str | None = None
+                   ) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for a URI.
+
+    Local paths and ``file://`` URIs give a ``LocalFileSystem`` and an absolute path;
+    ``s3://bucket/prefix`` gives an ``S3FileSystem`` (settings as in the module docstring) and
+    ``"bucket/prefix"``. Other schemes raise ``ValueError``.
+    """
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        path = uri[len("s3://"):].strip("/")
+        if not path:
+            raise ValueError(f"S3 URI {uri!r} names no bucket; expected s3://bucket/prefix")
+        settings = resolve_s3_settings(endpoint=endpoint, access_key=access_key,
+                                       secret_key=secret_key, region=region)
+        return _s3_filesystem(settings), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def fsspec_options(uri: str, *, endpoint: str | None = None, access_key: str | None = None,
+                   secret_key: str | None = None, region: str | None = None) -> dict:
+    """``storage_options`` for fsspec/s3fs (pandas, duckdb...) equivalent to :func:`get_filesystem`.
+
+    Empty for local URIs. The returned dict contains the secret: pass it on, never log it.
+    """
+    if not is_s3(uri):
+        return {}
+    s = resolve_s3_settings(endpoint=endpoint, access_key=access_key, secret_key=secret_key,
+                            region=region)
+    options: dict = {"client_kwargs": {"region_name": s.region}}
+    if s.endpoint_url:
+        options["endpoint_url"] = s.endpoint_url
+    if s.access_key:
+        options.update(key=s.access_key, secret=s.secret_key)
+        if s.session_token:
+            options["token"] = s.session_token
+    return options
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (keeps the scheme; local paths use the OS join)."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest.rstrip("/") or rest, *[p.strip("/") for p in parts])
+    return os.path.join(uri, *parts)
+
+
+def _to_uri(original: str, path: str) -> str:
+    # Give results back in the caller's vocabulary: s3:// stays s3://, local paths stay paths.
+    return f"s3://{path}" if is_s3(original) else path
+
+
+# --- error translation -------------------------------------------------------------------------
+
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID",
+           "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403", "Forbidden")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '", "bucket does not exist")
+_UNREACHABLE = ("NETWORK_CONNECTION", "Couldn't connect", "curlCode", "Connection refused",
+                "Could not resolve", "Timeout was reached", "Failed to connect")
+
+
+def _scrub(message: str, settings: S3Settings | None) -> str:
+    if settings and settings.secret_key:
+        message = message.replace(settings.secret_key, "***")
+    if settings and settings.session_token:
+        message = message.replace(settings.session_token, "***")
+    return message
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://"):].split("/", 1)[0]
+
+
+def translate_error(uri: str, error: OSError, action: str, **storage_kw) -> OSError:
+    """Turn a low-level pyarrow/OS error into a :class:`StorageError` that names the URI.
+
+    ``action`` is a short verb phrase ("read", "write", "list") used in the message.
+    Returns the new exception so callers can ``raise translate_error(...) from error``.
+    """
+    if isinstance(error, StorageError):
+        return error
+    if not is_s3(uri):
+        if isinstance(error, FileNotFoundError):
+            return StorageNotFoundError(f"cannot {action} {uri}: no such file or directory")
+        if isinstance(error, PermissionError):
+            return StoragePermissionError(f"cannot {action} {uri}: permission denied ({error})")
+        return StorageError(f"cannot {action} {uri}: {error}")
+    try:
+        settings = resolve_s3_settings(**storage_kw)
+    except StorageError:
+        settings = None
+    detail = _scrub(str(error), settings)
+    where = f"endpoint {settings.endpoint_url}" if settings and settings.endpoint else "AWS S3"
+    if any(k in detail for k in _DENIED):
+        return StoragePermissionError(
+            f"cannot {action} {uri}: access denied by {where} — the credentials are wrong or lack "
+            f"permission on bucket '{_bucket(uri)}'. {_S3_SETTINGS_HINT} (detail: {detail})")
+    if any(k in detail for k in _NO_BUCKET):
+        return BucketNotFoundError(
+            f"cannot {action} {uri}: bucket '{_bucket(uri)}' does not exist at {where}. Create it "
+            f"first or fix the URI. {_S3_SETTINGS_HINT}")
+    if any(k in detail for k in _UNREACHABLE):
+        return StorageError(f"cannot {action} {uri}: cannot reach {where}. {_S3_SETTINGS_HINT} "
+                            f"(detail: {detail})")
+    if isinstance(error, FileNotFoundError):
+        return StorageNotFoundError(f"cannot {action} {uri}: no such object or prefix at {where}")
+    return StorageError(f"cannot {action} {uri} at {where}: {detail}. {_S3_SETTINGS_HINT}")
+
+
+@contextlib.contextmanager
+def errors(uri: str, action: str, **storage_kw) -> Iterator[None]:
+    """Context manager: any ``OSError`` inside becomes a :class:`StorageError` naming ``uri``.
+
+    Use it around direct pyarrow calls, e.g. ``with storage.errors(out, "write shard"):
+    pq.write_table(table, path, filesystem=fs)``.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise translate_error(uri, e, action, **storage_kw) from e
+
+
+def _raise_if_bucket_missing(fs: pafs.FileSystem, uri: str, action: str, **storage_kw) -> None:
+    # S3 reports a missing key and a missing bucket the same way ("path does not exist");
+    # telling them apart saves users from hunting for a typo in the key when the bucket is wrong.
+    if not is_s3(uri):
+        return
+    bucket = _bucket(uri)
+    with errors(uri, action, **storage_kw):
+        info = fs.get_file_info(bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise translate_error(uri, OSError(f"NoSuchBucket: Bucket '{bucket}'"), action, **storage_kw)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def exists(uri: str, **storage_kw) -> bool:
+    """True if a file or directory (S3: object or non-empty prefix) exists at ``uri``."""
+    fs, path = get_filesystem(uri, **storage_kw)
+    with errors(uri, "check", **storage_kw):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, **storage_kw) -> bytes:
+    """Whole content of the file at ``uri``."""
+    fs, path = get_filesystem(uri, **storage_kw)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        _raise_if_bucket_missing(fs, uri, "read", **storage_kw)
+        raise translate_error(uri, e, "read", **storage_kw) from e
+    except OSError as e:
+        raise translate_error(uri, e, "read", **storage_kw) from e
+
+
+def write_bytes(uri: str, data: bytes, **storage_kw) -> None:
+    """Write ``data`` to ``uri``, replacing any existing file.
+
+    Local writes go to a temporary file that is renamed into place, so readers never see half a
+    file and an interrupted run leaves no partial output; S3 uploads are atomic by nature.
+    Parent directories are created locally; on S3 the bucket must exist.
+    """
+    fs, path = get_filesystem(uri, **storage_kw)
+    if not is_s3(uri):
+        parent = os.path.dirname(path)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise translate_error(uri, e, "write") from e
+        return
+    _raise_if_bucket_missing(fs, uri, "write", **storage_kw)
+    with errors(uri, "write", **storage_kw), fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def makedirs(uri: str, **storage_kw) -> None:
+    """Create a directory and its parents locally; on S3 only check that the bucket exists
+    (prefixes need no creating)."""
+    fs, path = get_filesystem(uri, **storage_kw)
+    if is_s3(uri):
+        _raise_if_bucket_missing(fs, uri, "create", **storage_kw)
+        return
+    with errors(uri, "create directory"):
+        fs.create_dir(path, recursive=True)
+
+
+def delete(uri: str, *, missing_ok: bool = False, **storage_kw) -> None:
+    """Delete one file (not a directory)."""
+    fs, path = get_filesystem(uri, **storage_kw)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError as e:
+        if not missing_ok:
+            raise translate_error(uri, e, "delete", **storage_kw) from e
+    except OSError as e:
+        raise translate_error(uri, e, "delete", **storage_kw) from e
+
+
+def iter_files(uri: str, suffixes: str | Iterable[str] | None = None, **storage_kw) -> Iterator[str]:
+    """Yield the URIs of all files below ``uri`` (recursive), optionally only those ending in one
+    of ``suffixes`` (case-sensitive, e.g. ``(".parquet",)``).
+
+    Lists one directory at a time (files sorted by name, then sub-directories in name order), so
+    a prefix with millions of objects is never held in memory at once. Hidden temporaries written
+    by :func:`write_bytes` (``.name.tmp-*``) are skipped. A missing directory raises
+    :class:`StorageNotFoundError`.
+    """
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    suffixes = tuple(suffixes) if suffixes is not None else None
+    fs, root = get_filesystem(uri, **storage_kw)
+    with errors(uri, "list", **storage_kw):
+        info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        _raise_if_bucket_missing(fs, uri, "list", **storage_kw)
+        raise StorageNotFoundError(f"cannot list {uri}: no such directory or prefix")
+    if info.type == pafs.FileType.File:
+        raise StorageError(f"cannot list {uri}: it is a file, expected a directory or prefix")
+    yield from _walk(fs, uri, root, suffixes, storage_kw)
+
+
+def _walk(fs, uri, directory, suffixes, storage_kw) -> Iterator[str]:
+    with errors(uri, "list", **storage_kw):
+        entries = fs.get_file_info(pafs.FileSelector(directory, recursive=False))
+    files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+    subdirs = sorted(e.path for e in entries if e.type == pafs.FileType.Directory)
+    del entries
+    for path in files:
+        name = posixpath.basename(path)
+        if name.startswith(".") and ".tmp-" in name:
+            continue
+        if suffixes is None or path.endswith(suffixes):
+            yield _to_uri(uri, path)
+    for sub in subdirs:
+        yield from _walk(fs, uri, sub, suffixes, storage_kw)

@@ -1,0 +1,50 @@
+"""Deterministic pixel transforms shared by training, evaluation and inference.
+
+One place decides how an 8-bit grey image becomes a model input and how a prediction goes
+back to the original size, so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Default intensity normalisation (stored in every model artifact's config.json).
+DEFAULT_MEAN = 0.5
+DEFAULT_STD = 0.25
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W) uint8 grey image to `size` = (height, width) with area/linear interpolation."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrinking = image.shape[0] > h or image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W) label mask to `size` = (height, width) with nearest neighbour (labels stay labels)."""
+    h, w = size
+    if mask.shape[:2] == (h, w):
+        return mask
+    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def resize_probability(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a (H, W) float probability map back to `size` = (height, width), bilinear."""
+    h, w = size
+    if prob.shape[:2] == (h, w):
+        return prob
+    return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize(image: np.ndarray, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> np.ndarray:
+    """uint8 (…, H, W) → float32 ((x / 255) - mean) / std."""
+    return ((image.astype(np.float32) / 255.0) - mean) / std
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int], mean: float = DEFAULT_MEAN,
+               std: float = DEFAULT_STD) -> np.ndarray:
+    """(H, W) uint8 grey → (1, h, w) float32 model input."""
+    return normalize(resize_image(image, size), mean, std)[None]
