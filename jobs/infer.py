@@ -98,7 +98,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 

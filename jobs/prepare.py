@@ -56,6 +56,33 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults only where there is one, keep the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_EPILOG = """\
+examples:
+  python -m jobs.prepare --source busi --input ../shared/data/busi --out runs/busi_prepared
+  python -m jobs.prepare --source busi --input ../shared/data/busi --out s3://my-bucket/busi-prepared
+  python -m jobs.prepare --source phantoms --num 200 --seed 0 --size 256 --out runs/demo/prepared
+
+output (OUT = --out):
+  OUT/{train,val,test}/part-NNNNN.parquet  columns: id, class, image_png (8-bit grey PNG),
+                                           mask_png (PNG 0/255), height, width, group, source
+  OUT/manifest.json                        schema_version, counts per split and class, duplicate
+                                           groups, command, config, shards with sha256, skipped files
+  Reruns with the same arguments write identical bytes and delete leftover part files.
+
+exit codes: 0 done; 2 bad arguments, unusable input or output (one line on stderr), or bad
+source files under --strict. Set UNET_DEBUG=1 for full tracebacks.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
     from unet.prepare import DEFAULT_HASH_THRESHOLD, DEFAULT_SHARD_SIZE
@@ -65,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write train/val/test Parquet shards and manifest.json from a BUSI folder or "
                     "generated phantoms. Near-duplicate images (perceptual-hash groups) never "
                     "straddle two splits; splits are stratified by class; output is deterministic.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     src = p.add_argument_group("source")
     src.add_argument("--source", required=True, choices=("busi", "phantoms"),
@@ -74,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="(busi) folder holding Dataset_BUSI_with_GT/, or that folder itself; classes "
                           "benign/malignant/normal, NAME.png + NAME_mask.png (+ NAME_mask_1.png ... OR-merged)")
     src.add_argument("--num", type=int, default=200, help="(phantoms) number of images")
-    src.add_argument("--size", type=_size, default=(256, 256), metavar="N|HxW",
+    src.add_argument("--size", type=_size, default="256", metavar="N|HxW",
                      help="(phantoms) image size in pixels")
     src.add_argument("--seed", type=int, default=0,
                      help="seed of the split order (and of phantom generation)")
@@ -86,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", required=True, metavar="URI",
                      help="output: local directory or s3://bucket/prefix; gets {train,val,test}/part-*.parquet "
                           "and manifest.json")
-    out.add_argument("--ratios", type=_ratios, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+    out.add_argument("--ratios", type=_ratios, default="0.7,0.15,0.15", metavar="TRAIN,VAL,TEST",
                      help="split fractions (normalised to sum 1; 0 leaves a split empty)")
     out.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="ROWS",
                      help="rows per Parquet shard")

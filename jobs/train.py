@@ -19,8 +19,8 @@ only re-exports a finished one. The best checkpoint is exported as a model artif
 model.safetensors) to ``--export`` (default ``<storage>/<name>/model``); its location is the last
 line printed.
 
-Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
-Ray with ``--num-cpus`` (default: all CPUs). Workers get a planned share of CPUs so Ray Data keeps
+Ray: joins ``--address`` (``auto``: the ``ray start`` cluster of this machine) or ``$RAY_ADDRESS``
+(as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all CPUs). Workers get a planned share of CPUs so Ray Data keeps
 ``--data-cpus`` for decoding; a request the cluster cannot hold fails at once with one line
 (exit code 2). S3 endpoint and credentials come from the AWS_* environment variables.
 """
@@ -70,7 +70,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("export", dict(metavar="URI", help="model artifact destination (default <storage>/<name>/model)")),
     ("keep", dict(type=int, help="best checkpoints kept by validation Dice (plus the latest)")),
     ("max-failures", dict(type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")),
-    ("address", dict(help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")),
+    ("address", dict(help="Ray cluster to join, or 'auto' for this machine's `ray start` cluster "
+                        "(default: $RAY_ADDRESS, else a private local Ray)")),
     ("num-cpus", dict(type=int, help="CPUs of the local Ray this job starts (default: all)")),
     ("check-resources", dict(action=argparse.BooleanOptionalAction,
                              help="refuse requests the cluster cannot hold (off for autoscaling clusters)")),

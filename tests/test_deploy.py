@@ -121,6 +121,7 @@ def test_rayjob_entrypoint_is_an_incremental_infer_command(rayjob):
     assert words[:3] == ["python", "-m", "jobs.infer"]
     args = parse_job_command(words)
     assert args.incremental is True
+    assert args.check_resources is False  # the job may start before the worker pods have joined
     assert args.input.startswith("s3://") and args.output.startswith("s3://")
     spec = rayjob["spec"]
     assert spec["shutdownAfterJobFinishes"] is True  # the cluster goes away after each run
@@ -251,7 +252,8 @@ def test_crontab_line():
     start = next(i for i, w in enumerate(words) if w.endswith("ray") and words[i + 1: i + 3] == ["job", "submit"])
     entrypoint = _ray_job_submit_ok(words[start:])
     assert "--runtime-env" in words and "deploy/runtime_env.yaml" in words
-    assert parse_job_command(entrypoint).incremental is True
+    args = parse_job_command(entrypoint)
+    assert args.incremental is True and args.check_resources is False  # autoscaling cluster
     assert line in DOCS.read_text(), "docs/operations.md must show the shipped crontab line"
 
 

@@ -227,6 +227,7 @@ def test_prediction_is_made_at_model_size_and_returned_at_original_size():
     assert pred[15:25, 25:45].all() and not pred[:5].any() and not pred[:, :10].any()
 
 
+@pytest.mark.slow
 def test_evaluate_reads_and_writes_s3(s3_env, workspace, tmp_path):
     bucket = s3_env
     for path in sorted(Path(workspace["data"]).rglob("*")):
@@ -240,6 +241,21 @@ def test_evaluate_reads_and_writes_s3(s3_env, workspace, tmp_path):
     assert metrics["counts"]["images"] == len(KINDS)
     assert metrics["data"]["manifest_sha256"] is not None
     assert storage.read_bytes(storage.join(bucket, "eval", "figures", "overlays.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluates_the_real_prepare_output(workspace, tmp_path):
+    """The contract between jobs.prepare and jobs.evaluate: counts agree with prepare's manifest."""
+    from jobs.prepare import main as prepare_main
+
+    prepared = tmp_path / "prepared"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert prepare_main(["--source", "phantoms", "--num", "24", "--size", "40", "--out", str(prepared)]) in (0, None)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    for split in ("val", "test"):
+        result = evaluate(load_artifact(workspace["model"]), str(prepared), split, n_bootstrap=20)
+        expected = {k: v for k, v in manifest["counts"][split].items() if k != "total"}
+        assert result.metrics["counts"] == {"images": manifest["counts"][split]["total"], **expected}
+        assert result.metrics["data"]["manifest_sha256"] == hashlib.sha256((prepared / "manifest.json").read_bytes()).hexdigest()
 
 
 # --- bad use: one line, exit code 2 -------------------------------------------------------------
@@ -275,6 +291,7 @@ def test_artifact_of_another_architecture_is_one_clear_line(workspace, tmp_path,
     assert "attention_unet" in err and "do not fit" in err
 
 
+@pytest.mark.slow
 def test_s3_bucket_that_does_not_exist_is_one_clear_line(s3_env, workspace, tmp_path, capsys):
     data = s3_env.replace("s3://", "s3://missing-") + "/prepared"
     code, err = _run_inprocess(capsys, ["--model", workspace["model"], "--data", data, "--out", str(tmp_path / "o")])

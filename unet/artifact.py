@@ -6,7 +6,7 @@ An artifact is everything inference needs to reproduce a trained model's predict
     <dest>/config.json         {"format_version": 1,
                                 "name": "unet",                      # prefix of model_id
                                 "architecture": "unet",              # key of unet.models.MODELS
-                                "model_kwargs": {...},               # build_model(architecture, **model_kwargs)
+                                "model_kwargs": {...},               # build_model(architecture, **these)
                                 "input_size": [h, w],                # the size the model was trained at
                                 "normalization": {"mean": .., "std": ..},
                                 "threshold": 0.5,                    # on sigmoid(logits)
@@ -103,14 +103,15 @@ def _join(location: str, name: str) -> str:
 
 def _read(location: str, name: str, what: str) -> bytes:
     path = _join(location, name)
+    missing = FileNotFoundError(f"{path}: {what} not found; a model artifact holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     if _is_uri(location):
         from . import storage
 
         if not storage.exists(path):
-            raise FileNotFoundError(f"{path}: {what} not found; a model artifact holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise missing
         return storage.read_bytes(path)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: {what} not found; a model artifact holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise missing
     return Path(path).read_bytes()
 
 
@@ -164,7 +165,9 @@ def _check_input_size(value, where: str) -> list[int]:
         or len(value) != 2
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)
     ):
-        raise ValueError(f"{where}input_size must be (height, width) as two positive ints, e.g. (128, 128); got {value!r}")
+        raise ValueError(
+            f"{where}input_size must be (height, width) as two positive ints, e.g. (128, 128); got {value!r}"
+        )
     return [int(v) for v in value]
 
 
@@ -211,7 +214,8 @@ def _compare_state(expected: dict, actual: dict) -> str:
         for k in expected
         if k in actual and actual[k].shape != expected[k].shape
     ]
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (got vs expected)", shapes)):
+    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (got vs expected)", shapes))
+    for label, items in labelled:
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             problems.append(f"{label}: {', '.join(items[:5])}{more}")
@@ -287,7 +291,10 @@ def save_artifact(
     state = model.state_dict()
     mismatch = _compare_state(reference.state_dict(), state)
     if mismatch:
-        raise ValueError(f"{where}architecture {architecture!r} with model_kwargs {model_kwargs} does not describe this model: {mismatch}")
+        raise ValueError(
+            f"{where}architecture {architecture!r} with model_kwargs {model_kwargs} "
+            f"does not describe this model: {mismatch}"
+        )
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     # One metadata key only: safetensors orders several keys differently from run to run, and the
@@ -327,12 +334,16 @@ def _parse_config(data: bytes, config_path: str) -> dict:
         raise ValueError(f"{where}must hold a JSON object; got {type(config).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{where}missing key(s) {', '.join(missing)}; re-save the model with unet.artifact.save_artifact")
+        raise ValueError(
+            f"{where}missing key(s) {', '.join(missing)}; re-save the model with unet.artifact.save_artifact"
+        )
     version = config["format_version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"{where}format_version must be a positive int; got {version!r}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{where}format_version {version} is newer than this unet supports ({FORMAT_VERSION}); upgrade unet")
+        raise ValueError(
+            f"{where}format_version {version} is newer than this unet supports ({FORMAT_VERSION}); upgrade unet"
+        )
     _check_architecture(config["architecture"], where)
     _check_input_size(config["input_size"], where)
     _check_normalization(config["normalization"], where)

@@ -784,6 +784,14 @@ def _parquet_rows(fs, path: str, rel: str, uri: str, chunk: str, start: int, end
                  error=f"row {r} is missing: the file has fewer rows than when the job was planned")
 
 
+def read_plan_file(batch: pa.Table, *, fs: pafs.FileSystem) -> Iterator[pa.Table]:
+    """Ray Data UDF: plan file paths -> the plan rows they hold."""
+    for path in batch.column("path").to_pylist():
+        with fs.open_input_file(path) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                yield pa.Table.from_batches([record_batch])
+
+
 def read_and_decode(plan: pa.Table, *, fs: pafs.FileSystem, root: str, root_uri: str,
                     input_size: tuple[int, int], image_column: str, id_column: str | None,
                     max_pixels: int, max_bytes: int) -> Iterator[dict[str, np.ndarray]]:
@@ -1153,9 +1161,12 @@ def _execute(config, loaded, chunks, plan_files, out_fs, out_path, in_fs, root, 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    ds = ray.data.read_parquet(plan_files, filesystem=out_fs, partitioning=None)
-    # Plan files hold up to PLAN_ROWS_PER_FILE rows; without splitting, one task would decode a
-    # whole file of images serially. Streaming repartition cuts them into small blocks.
+    # The plan files are read by our own small task rather than ray.data.read_parquet, whose
+    # file listing/footer pass costs seconds per run even for one tiny file. A plan file holds up
+    # to PLAN_ROWS_PER_FILE rows; without splitting, one task would decode a whole file of images
+    # serially, so a streaming repartition cuts them into small blocks.
+    ds = ray.data.from_items([{"path": p} for p in plan_files])
+    ds = ds.map_batches(read_plan_file, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(fs=out_fs))
     ds = ds.repartition(target_num_rows_per_block=READ_ROWS_PER_TASK)
     # Half a CPU per read task: reads wait on storage as much as they decode. It also keeps the
     # remote args different from the model actors', which stops Ray Data from fusing decoding
@@ -1200,6 +1211,7 @@ def _execute(config, loaded, chunks, plan_files, out_fs, out_path, in_fs, root, 
             _collect(pending, summary, wait=False)
         while pending:
             _collect(pending, summary, wait=True)
+    logger.debug("Ray Data stats:\n%s", ds.stats())
     if assembler.duplicates:
         logger.info("dropped %d duplicate rows from retried tasks", assembler.duplicates)
     missing = assembler.incomplete()

@@ -179,7 +179,7 @@ def join(uri: str, *parts: str) -> str:
     if "://" in uri:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://" + posixpath.join(rest.rstrip("/") or rest, *[p.strip("/") for p in parts])
-    return os.path.join(uri, *parts)
+    return os.path.join(uri, *[p.lstrip("/") for p in parts])
 
 
 def _to_uri(original: str, path: str) -> str:

@@ -80,6 +80,7 @@ __all__ = [
     "init_ray",
     "load_checkpoint_state",
     "load_config_file",
+    "local_ray_options",
     "log_epoch",
     "lr_factor",
     "parse_workers",
@@ -541,7 +542,12 @@ class SplitValDataConfig(DataConfig):
 
 
 def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
-    """``{"train": ..., "val": ...}`` lazy Ray Datasets of model batches from ``cfg.data``."""
+    """``{"train": ..., "val": ...}`` Ray Datasets of model batches from ``cfg.data``.
+
+    ``train`` stays lazy and streams (new shard order and augmentations every epoch). ``val`` is
+    decoded once and materialised in the object store: it is small (BUSI: ~100 images, 13 MB at
+    128 px) and identical every epoch, so re-reading it would only add a pipeline start per epoch.
+    """
     from unet.data import AugmentConfig, read_split
 
     if not cfg.data:
@@ -552,7 +558,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
         "train": read_split(cfg.data, "train", size=size,
                             augment=AugmentConfig() if cfg.augment else None,
                             shuffle=True, seed=cfg.seed),
-        "val": read_split(cfg.data, "val", size=size),
+        "val": read_split(cfg.data, "val", size=size).materialize(),
     }
 
 
@@ -950,10 +956,12 @@ def _project_root() -> str:
 def init_ray(cfg: TrainConfig) -> bool:
     """Connect to the cluster the job should use; returns True if this call started Ray.
 
-    Order: an already initialised Ray (tests, notebooks) -> ``cfg.address`` -> ``$RAY_ADDRESS``
-    (set by ``ray job submit``) -> a new local Ray with ``num_cpus`` (default: this machine's CPUs).
-    A local Ray gets this checkout on its workers' ``PYTHONPATH`` so ``unet`` imports there even
-    when the package is not installed.
+    Order: an already initialised Ray (tests, notebooks) -> ``cfg.address`` (``auto`` = the cluster
+    ``ray start`` made on this machine) -> ``$RAY_ADDRESS`` (set by ``ray job submit``) -> a new
+    local Ray with ``num_cpus`` (default: this machine's CPUs). The last one is explicit
+    (``address="local"``): plain ``ray.init()`` would silently join any ``ray start`` cluster it
+    finds and then ignore ``num_cpus``. A local Ray gets this checkout on its workers'
+    ``PYTHONPATH`` so ``unet`` imports there even when the package is not installed.
     """
     import ray
 
@@ -961,12 +969,17 @@ def init_ray(cfg: TrainConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address)
         return True
-    pythonpath = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=cfg.num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(**local_ray_options(cfg.num_cpus))
     return True
+
+
+def local_ray_options(num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments for a private local Ray (used by :func:`init_ray` and the tests)."""
+    pythonpath = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH")) if p)
+    return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
+            "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
 
 
 def _alive_nodes() -> list[dict[str, float]]:

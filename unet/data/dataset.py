@@ -47,6 +47,8 @@ unable to schedule anything and training would stall; fractional requests let bo
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,6 +193,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                augment: AugmentConfig | bool | None = None, seed: int = 0,
                epoch: int | None = None, shuffle: bool | None = None, batch_size: int = 32,
                num_cpus: float = 0.5, concurrency: int | None = None,
+               max_block_mib: float | None = None,
                mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
                endpoint: str | None = None, access_key: str | None = None,
                secret_key: str | None = None, region: str | None = None):
@@ -208,6 +211,9 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         batch_size: rows per transform call (bounds a task's memory; not the training batch).
         num_cpus: CPUs requested per read and per transform task. Default 0.5.
         concurrency: max parallel transform tasks; None = Ray's default.
+        max_block_mib: largest block (and Parquet read unit) Ray Data may build while reading,
+            in MiB; None = Ray's default (128 MiB). Lower it (e.g. 16) when the object store is
+            small (< ~1 GiB): reads that outgrow the store's free space are spilled to disk.
         mean, std: normalisation. Defaults 0.5, 0.25.
         endpoint, access_key, secret_key, region: S3 settings (default: AWS_* environment).
 
@@ -227,13 +233,38 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     fs, _ = storage.get_filesystem(uri, **storage_kw)
     paths = [storage.get_filesystem(s, **storage_kw)[1] for s in shards]
     file_shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
-    with storage.errors(split_uri(uri, split), "read shards of", **storage_kw):
+    with storage.errors(split_uri(uri, split), "read shards of", **storage_kw), \
+            _read_unit_bytes(max_block_mib):
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
     transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std)
-    return ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                          concurrency=concurrency)
+    ds = ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                        concurrency=concurrency)
+    if max_block_mib is not None:
+        # The Dataset carries its own copy of the DataContext; this changes only this pipeline.
+        ds.context.target_max_block_size = int(max_block_mib * 1024 * 1024)
+    return ds
+
+
+@contextlib.contextmanager
+def _read_unit_bytes(max_block_mib: float | None) -> Iterator[None]:
+    """Cap how many bytes of row groups one Parquet read task takes on, while the read is planned.
+
+    Ray Data (2.5x+) packs Parquet row groups into read tasks of up to
+    ``RAY_DATA_PARQUET_BIN_PACKING_BYTES`` (128 MiB) and reads that environment variable when
+    ``read_parquet`` is called. A read task runs to the end of its bin even when downstream is
+    backpressured, so with a small object store a 128 MiB bin is spilled to disk; matching the
+    bin to the block size keeps each task's output within budget.
+    """
+    if max_block_mib is None or "RAY_DATA_PARQUET_BIN_PACKING_BYTES" in os.environ:
+        yield  # an explicit user setting wins
+        return
+    os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(int(max_block_mib * 1024 * 1024))
+    try:
+        yield
+    finally:
+        del os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"]
 
 
 def table_to_batch(table) -> dict[str, np.ndarray]:
@@ -270,31 +301,35 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     pending: list[dict[str, np.ndarray]] = []
     pending_rows = 0
     for shard in shards:
-        fs, path = storage.get_filesystem(shard, **storage_kw)
-        with storage.errors(shard, "read shard", **storage_kw):
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-        try:
-            for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
-                batch = table_to_batch(record_batch)
-                if shuffle:
-                    order = rng.permutation(len(batch["id"]))
-                    batch = {k: v[order] for k, v in batch.items()}
-                try:
-                    out = transform(batch)
-                except ValueError as e:
-                    raise ValueError(f"{shard}: {e}") from e
-                pending.append(out)
-                pending_rows += len(out["id"])
-                while pending_rows >= batch_size:
-                    merged = _concat(pending)
-                    yield {k: v[:batch_size] for k, v in merged.items()}
-                    rest = {k: v[batch_size:] for k, v in merged.items()}
-                    pending_rows -= batch_size
-                    pending = [rest] if pending_rows else []
-        finally:
-            parquet.close()
+        for batch in _read_shard(shard, batch_size, storage_kw):
+            if shuffle:
+                order = rng.permutation(len(batch["id"]))
+                batch = {k: v[order] for k, v in batch.items()}
+            try:
+                out = transform(batch)
+            except ValueError as e:
+                raise ValueError(f"{shard}: {e}") from e
+            pending.append(out)
+            pending_rows += len(out["id"])
+            while pending_rows >= batch_size:
+                merged = _concat(pending)
+                yield {k: v[:batch_size] for k, v in merged.items()}
+                pending_rows -= batch_size
+                pending = [{k: v[batch_size:] for k, v in merged.items()}] if pending_rows else []
     if pending_rows and not drop_last:
         yield _concat(pending)
+
+
+def _read_shard(shard: str, batch_size: int, storage_kw: dict) -> Iterator[dict[str, np.ndarray]]:
+    """Shard rows as BatchTransform input, ``batch_size`` rows at a time (one file open at once)."""
+    fs, path = storage.get_filesystem(shard, **storage_kw)
+    with storage.errors(shard, "read shard", **storage_kw), fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        missing = [c for c in READ_COLUMNS if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{shard}: shard lacks column(s) {missing}; is it a prepared shard?")
+        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
+            yield table_to_batch(record_batch)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

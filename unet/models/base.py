@@ -48,7 +48,9 @@ def _check_channels(channels) -> tuple[int, ...]:
 
 def _check_dropout(dropout) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1) (0 disables it), e.g. dropout=0.07; got {dropout!r}")
+        raise ValueError(
+            f"dropout must be a float in [0, 1) (0 disables it), e.g. dropout=0.07; got {dropout!r}"
+        )
     return float(dropout)
 
 

@@ -60,7 +60,7 @@ class UNet(SegmentationModel):
         # decoder[k] goes from level depth-k up to level depth-k-1: deepest first, as forward visits them.
         self.decoder = nn.ModuleList(
             [
-                Up(c[i + 1], c[i], c[i], norm, dropout, gate=self._make_gate(skip_channels=c[i], gating_channels=c[i + 1]))
+                Up(c[i + 1], c[i], c[i], norm, dropout, gate=self._make_gate(c[i], c[i + 1]))
                 for i in reversed(range(self.depth))
             ]
         )

@@ -1,0 +1,519 @@
+"""Bulk inference (unet.inference, jobs.infer): decoding, exactly-once output, incremental runs.
+
+The slow tests run the real pipeline on a local 2-CPU Ray and on the S3 test server, over a
+small corpus that mixes valid-but-awkward images, broken inputs, a tar shard and a Parquet table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from unet import inference as inf
+from unet.artifact import load_artifact, save_artifact
+from unet.models import build_model
+from unet.phantoms import generate
+from unet.transforms import preprocess, resize_probability
+
+REPO = Path(__file__).resolve().parents[1]
+INPUT_SIZE = (32, 32)
+
+
+# =============================================================================================
+# Corpus: every kind of input, with what the output must say about it
+# =============================================================================================
+
+def png(array: np.ndarray | Image.Image, fmt: str = "PNG", **save) -> bytes:
+    img = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def gray(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width x height pixels with almost no data (decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 20 high x 40 wide with EXIF orientation 6 (rotate 90 deg): shown 40 high x 20 wide."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return png(gray(20, 40, 3), "JPEG", exif=exif.tobytes())
+
+
+def awkward_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """Valid images in awkward encodings: name -> (bytes, expected (height, width))."""
+    g = gray(24, 30, 1)
+    rgb = np.stack([g, g[::-1], 255 - g], -1)
+    alpha = Image.fromarray(gray(24, 30, 2))
+    return {
+        "gray.png": (png(g), (24, 30)),
+        "rgb.jpg": (png(rgb, "JPEG"), (24, 30)),
+        "rgba.png": (png(Image.merge("RGBA", [*Image.fromarray(rgb).split(), alpha])), (24, 30)),
+        "la.png": (png(Image.merge("LA", [Image.fromarray(g), alpha])), (24, 30)),
+        "palette.png": (png(Image.fromarray(rgb).quantize(16)), (24, 30)),
+        "sixteen.png": (png(g.astype(np.uint16) * 257), (24, 30)),
+        "sixteen.tif": (png(g.astype(np.uint16) * 257, "TIFF"), (24, 30)),
+        "float.tif": (png(g.astype(np.float32) / 255, "TIFF"), (24, 30)),
+        "cmyk.jpg": (png(Image.fromarray(rgb).convert("CMYK"), "JPEG"), (24, 30)),
+        "exif_rotated.jpg": (exif_rotated_jpeg(), (40, 20)),
+        "one_pixel.png": (png(gray(1, 1)), (1, 1)),
+        "wide.bmp": (png(gray(3, 500)), (3, 500)),
+        "tall.png": (png(gray(500, 3)), (500, 3)),
+        "UPPER.PNG": (png(g), (24, 30)),
+    }
+
+
+def broken_images() -> dict[str, tuple[bytes, str]]:
+    """Broken inputs: name -> (bytes, substring the error message must contain)."""
+    good = png(gray(24, 30))
+    return {
+        "zero.png": (b"", "empty file"),
+        "text.png": (b"this is not an image at all", "not a readable image"),
+        "truncated.png": (good[: len(good) // 2], "cannot decode"),
+        "bomb.png": (header_bomb(), "decompression bomb"),
+    }
+
+
+def phantom_images(n: int = 6) -> dict[str, np.ndarray]:
+    return {f"phantom_{i}.png": p.image for i, p in enumerate(generate(n, seed=1, size=(40, 48)))}
+
+
+def make_tar(path: Path, members: list[tuple[str, bytes | None, bytes]]) -> None:
+    """members: (name, data or None, tar type)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "a.png"
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+
+
+def build_corpus(root: Path) -> dict[str, dict]:
+    """Write the mixed corpus under ``root``; return image_id -> expectation."""
+    expected: dict[str, dict] = {}
+    for name, (data, size) in awkward_images().items():
+        (root / "awkward").mkdir(parents=True, exist_ok=True)
+        (root / "awkward" / name).write_bytes(data)
+        expected[f"awkward/{name}"] = {"status": "ok", "size": size}
+    for name, (data, message) in broken_images().items():
+        (root / "broken").mkdir(parents=True, exist_ok=True)
+        (root / "broken" / name).write_bytes(data)
+        expected[f"broken/{name}"] = {"status": "error", "message": message}
+    for name, image in phantom_images().items():
+        (root / "phantoms" / "deeper").mkdir(parents=True, exist_ok=True)
+        (root / "phantoms" / "deeper" / name).write_bytes(png(image))
+        expected[f"phantoms/deeper/{name}"] = {"status": "ok", "size": image.shape}
+    (root / "notes.txt").write_text("not an input: other suffixes are ignored")
+
+    (root / "shards").mkdir()
+    a, b = png(gray(16, 20, 5)), png(gray(18, 14, 6), "JPEG")
+    make_tar(root / "shards" / "shard-000.tar", [
+        ("a.png", a, tarfile.REGTYPE), ("a.json", b"{}", tarfile.REGTYPE), ("b.jpg", b, tarfile.REGTYPE),
+        ("dir", None, tarfile.DIRTYPE), ("../escape.png", a, tarfile.REGTYPE), ("/abs.png", a, tarfile.REGTYPE),
+        ("link.png", None, tarfile.SYMTYPE), ("garbage.png", b"\x00garbage", tarfile.REGTYPE),
+        ("a.png", a, tarfile.REGTYPE),
+    ])
+    tar_expect = {"a.png": ("ok", (16, 20)), "b.jpg": ("ok", (18, 14)), "../escape.png": ("error", "'..'"),
+                  "/abs.png": ("error", "absolute"), "link.png": ("error", "symbolic link"),
+                  "garbage.png": ("error", "not a readable image")}
+    for name, (status, what) in tar_expect.items():
+        expected[f"shards/shard-000.tar/{name}"] = ({"status": "ok", "size": what} if status == "ok"
+                                                    else {"status": "error", "message": what})
+    # The duplicate a.png gets the same image_id; it is counted by `duplicates` below.
+    (root / "shards" / "broken.tar").write_bytes(b"definitely not a tar archive" * 30)
+    expected["shards/broken.tar"] = {"status": "error", "message": "unreadable tar archive"}
+    make_tar(root / "shards" / "empty.tar", [("readme.txt", b"no images here", tarfile.REGTYPE)])
+
+    (root / "tables").mkdir()
+    images = [png(gray(10 + i, 12, 10 + i)) for i in range(5)] + [None, b"GIF89a nope"]
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "note": [str(i) for i in range(7)]}),
+                   root / "tables" / "t.parquet", row_group_size=3)
+    for i in range(5):
+        expected[f"tables/t.parquet#{i}"] = {"status": "ok", "size": (10 + i, 12)}
+    expected["tables/t.parquet#5"] = {"status": "error", "message": "is null"}
+    expected["tables/t.parquet#6"] = {"status": "error", "message": "not a readable image"}
+    return expected
+
+
+DUPLICATE_IDS = {"shards/shard-000.tar/a.png": 2}  # the tar holds a.png twice: one ok, one error row
+
+
+def expected_rows(expected: dict[str, dict]) -> int:
+    return len(expected) + sum(n - 1 for n in DUPLICATE_IDS.values())
+
+
+# =============================================================================================
+# Fixtures
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny UNet with a sharpened head, so masks are neither empty nor full and far from 0.5."""
+    torch.manual_seed(0)
+    model = build_model("unet", channels=(4, 8, 16)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(40.0)
+    dest = tmp_path_factory.mktemp("model") / "tiny"
+    return save_artifact(model, dest, architecture="unet", model_kwargs={"channels": [4, 8, 16]},
+                         input_size=INPUT_SIZE, normalization={"mean": 0.5, "std": 0.25}, threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    # address="local": a new cluster even if another Ray runs on this machine (never join it).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def read_output(uri: str, **kw):
+    import pandas as pd
+
+    from unet import storage
+
+    return pd.read_parquet(uri, storage_options=storage.fsspec_options(uri) or None, **kw)
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def config(model_dir, input, output, **kw) -> inf.InferenceConfig:
+    kw.setdefault("chunk_size", 4)
+    kw.setdefault("batch_size", 4)
+    return inf.InferenceConfig(model=str(model_dir), input=str(input), output=str(output), **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus_run(ray_local, model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    expected = build_corpus(root)
+    out = tmp_path_factory.mktemp("out") / "masks"
+    summary = inf.run_inference(config(model_dir, root, out))
+    return root, expected, out, summary, read_output(str(out))
+
+
+# =============================================================================================
+# Decoding (no Ray)
+# =============================================================================================
+
+@pytest.mark.parametrize("name", sorted(awkward_images()))
+def test_awkward_images_decode_to_gray_at_their_shown_size(name):
+    data, size = awkward_images()[name]
+    image = inf.decode_image(data)
+    assert image.dtype == np.uint8 and image.shape == size
+
+
+def test_sixteen_bit_scales_to_the_same_pixels_as_eight_bit():
+    g = gray(24, 30, 1)
+    assert np.array_equal(inf.decode_image(png(g.astype(np.uint16) * 257)), g)
+    assert np.array_equal(inf.decode_image(png(g.astype(np.uint16) * 257, "TIFF")), g)
+    # A 16-bit image using only the low byte stays dark, as the scanner wrote it.
+    assert inf.decode_image(png(g.astype(np.uint16))).max() <= 1
+
+
+def test_exif_orientation_is_applied():
+    stored = gray(20, 40, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = inf.decode_image(png(stored, exif=exif.tobytes()))  # PNG keeps pixels exact
+    assert np.array_equal(decoded, np.rot90(stored, k=-1))
+
+
+@pytest.mark.parametrize("name", sorted(broken_images()))
+def test_broken_inputs_raise_decode_error_with_a_clear_message(name):
+    data, message = broken_images()[name]
+    with pytest.raises(inf.DecodeError, match=message):
+        inf.decode_image(data)
+
+
+def test_pixel_limit_is_configurable_and_leaves_pil_global_alone():
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(inf.DecodeError, match="over the limit of 100"):
+        inf.decode_image(png(gray(11, 10)), max_pixels=100)
+    assert inf.decode_image(png(gray(10, 10)), max_pixels=100).shape == (10, 10)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_tar_reader_turns_every_member_into_one_row_or_skips_side_files(tmp_path):
+    expected = build_corpus(tmp_path)
+    plan = pa.table({"chunk": ["c"], "seq": [0], "kind": ["tar"], "rel": ["shards/shard-000.tar"],
+                     "row_start": [0], "row_end": [0]})
+    fs, root = inf.storage.get_filesystem(str(tmp_path))
+    batches = list(inf.read_and_decode(plan, fs=fs, root=root, root_uri=root, input_size=INPUT_SIZE,
+                                       image_column="image", id_column=None, max_pixels=10**6,
+                                       max_bytes=10**6))
+    ids = [i for b in batches for i in b["image_id"]]
+    seqs = [int(s) for b in batches for s in b["_seq"]]
+    errors = dict(zip(ids, (e for b in batches for e in b["error"])))
+    tar_ids = {k for k in expected if k.startswith("shards/shard-000.tar/")}
+    assert set(ids[:-1]) == tar_ids and len(ids[:-1]) == len(tar_ids) + 1  # + the duplicate a.png
+    assert seqs[-1] == -1 and int(batches[-1]["_n"][-1]) == len(ids) - 1  # end marker with the count
+    assert "duplicate tar member" in errors["shards/shard-000.tar/a.png"]
+    for image_id in tar_ids:
+        if expected[image_id]["status"] == "error":
+            assert expected[image_id]["message"] in errors[image_id]
+
+
+def test_mask_statistics_bbox_is_half_open_and_confidence_follows_the_rule():
+    mask = np.zeros((6, 8), bool)
+    mask[1:3, 2:5] = True
+    prob = np.where(mask, 0.9, 0.2).astype(np.float32)
+    stats = inf.mask_statistics(mask, prob)
+    assert stats["bbox"] == [2, 1, 5, 3] and stats["tumour_pixels"] == 6
+    assert stats["tumour_fraction"] == pytest.approx(6 / 48) and stats["confidence"] == pytest.approx(0.9)
+    empty = inf.mask_statistics(np.zeros((6, 8), bool), prob)
+    assert empty["bbox"] is None and empty["confidence"] == pytest.approx(0.9)  # max prob when empty
+
+
+def test_largest_component_keeps_only_the_biggest_region():
+    prob = np.zeros((10, 10), np.float32)
+    prob[0:2, 0:2] = 0.9
+    prob[5:9, 5:9] = 0.9
+    mask, _ = inf.postprocess_probability(prob, (10, 10), 0.5, largest_component=True)
+    assert mask.sum() == 16 and mask[5:9, 5:9].all()
+
+
+def test_subtract_finds_row_ranges_not_yet_done():
+    assert inf._subtract((0, 10), []) == [(0, 10)]
+    assert inf._subtract((0, 10), [(0, 4), (4, 8)]) == [(8, 10)]
+    assert inf._subtract((0, 10), [(2, 3), (5, 12)]) == [(0, 2), (3, 5)]
+    assert inf._subtract((0, 10), [(0, 10)]) == []
+
+
+def test_cli_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "jobs.infer", "--help"], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--model", "--input", "--output", "--incremental", "--workers", "--gpus-per-worker",
+                 "--image-column", "--id-column", "--chunk-size", "--tta", "--largest-component"):
+        assert flag in out.stdout
+
+
+# =============================================================================================
+# The pipeline on a local Ray
+# =============================================================================================
+
+@pytest.mark.slow
+def test_every_input_is_accounted_exactly_once(corpus_run):
+    _, expected, out, summary, df = corpus_run
+    counts = df["image_id"].value_counts().to_dict()
+    assert set(counts) == set(expected)
+    assert {k: v for k, v in counts.items() if v > 1} == DUPLICATE_IDS
+    assert len(df) == expected_rows(expected) == summary.rows_ok + summary.rows_error
+    for image_id, want in expected.items():
+        rows = df[df["image_id"] == image_id]
+        if image_id in DUPLICATE_IDS:
+            assert sorted(rows["status"]) == ["error", "ok"]
+            continue
+        row = rows.iloc[0]
+        assert row["status"] == want["status"], (image_id, row["error"])
+        if want["status"] == "error":
+            assert want["message"] in row["error"], (image_id, row["error"])
+            assert row["mask_png"] is None and np.isnan(row["tumour_pixels"])
+        else:
+            assert pd.isna(row["error"])
+    # 4 images per part (the last one 2), one part per tar (the empty tar's part has no rows) and
+    # per 4-row range of the Parquet table.
+    n_files = sum(1 for k in expected if "/" in k and not k.startswith(("shards/", "tables/")))
+    assert summary.parts_written == len(part_files(out)) == -(-n_files // 4) + 3 + 2
+    assert not (out / "_tmp").exists()
+
+
+@pytest.mark.slow
+def test_masks_decode_at_the_original_size_with_consistent_statistics(corpus_run):
+    _, expected, _, _, df = corpus_run
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == sum(1 for v in expected.values() if v["status"] == "ok")
+    for _, row in ok.iterrows():
+        mask = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert mask.shape == (row["height"], row["width"]) == tuple(expected[row["image_id"]]["size"])
+        assert row["tumour_pixels"] == (mask == 255).sum()
+        assert row["tumour_fraction"] == pytest.approx(row["tumour_pixels"] / mask.size, rel=1e-6)
+        if row["tumour_pixels"]:
+            x0, y0, x1, y1 = row["bbox"]
+            assert mask[y0:y1, x0:x1].sum() == mask.sum() and 0 <= row["confidence"] <= 1
+    # The sharpened model gives real masks: neither all empty nor all full.
+    assert 0 < ok["tumour_fraction"].mean() < 1
+
+
+@pytest.mark.slow
+def test_output_has_the_exact_schema_and_reads_in_pandas_duckdb_pyarrow(corpus_run):
+    import duckdb
+
+    _, expected, out, _, df = corpus_run
+    for part in part_files(out):
+        assert pq.read_schema(part).remove_metadata() == inf.OUTPUT_SCHEMA
+    table = pads.dataset(str(out), format="parquet").to_table()
+    assert table.schema.remove_metadata() == inf.OUTPUT_SCHEMA and table.num_rows == len(df)
+    con = duckdb.connect()
+    n, ok, first = con.execute(
+        f"select count(*), count(*) filter (where status = 'ok'), min(processed_at) "
+        f"from read_parquet('{out}/*.parquet')").fetchone()
+    assert n == len(df) == expected_rows(expected) and ok == (df["status"] == "ok").sum()
+    assert first.tzinfo is not None
+    assert str(df["processed_at"].dtype) == "datetime64[us, UTC]"
+    assert df["model_id"].nunique() == 1 and df["model_id"].iloc[0].startswith("unet-")
+
+
+@pytest.mark.slow
+def test_same_masks_as_calling_the_model_directly(corpus_run, model_dir):
+    _, _, _, _, df = corpus_run
+    loaded = load_artifact(model_dir)
+    for name, image in phantom_images().items():
+        x = torch.from_numpy(preprocess(image, INPUT_SIZE, 0.5, 0.25)[None])
+        with torch.inference_mode():
+            prob = torch.sigmoid(loaded.model(x))[0, 0].numpy()
+        want = resize_probability(prob, image.shape) >= 0.5
+        row = df[df["image_id"] == f"phantoms/deeper/{name}"].iloc[0]
+        got = np.asarray(Image.open(io.BytesIO(row["mask_png"]))) == 255
+        assert np.array_equal(got, want), name
+
+
+@pytest.mark.slow
+def test_killed_actor_mid_run_still_gives_exactly_once_output(ray_local, model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, p in enumerate(generate(20, seed=2, size=(24, 24))):
+        (root / f"img_{i:02d}.png").write_bytes(png(p.image))
+    make_tar(root / "shard.tar", [(f"m{i}.png", png(gray(12, 12, i)), tarfile.REGTYPE) for i in range(6)])
+    marker = tmp_path / "crashed"
+    # The model actor exits on its 3rd batch (after producing output for two); Ray restarts it and
+    # retries the batch. Exactly one crash: the marker file remembers it happened.
+    monkeypatch.setenv(inf.CRASH_ENV, f"{marker}:3")
+    summary = inf.run_inference(config(model_dir, root, tmp_path / "out", batch_size=2, chunk_size=5))
+    assert marker.exists()
+    df = read_output(str(tmp_path / "out"))
+    want = {f"img_{i:02d}.png" for i in range(20)} | {f"shard.tar/m{i}.png" for i in range(6)}
+    assert sorted(df["image_id"]) == sorted(want)
+    assert (df["status"] == "ok").all() and summary.rows_ok == 26 and summary.parts_written == 5
+
+
+@pytest.mark.slow
+def test_incremental_runs_process_only_new_inputs_and_complete_interrupted_ones(ray_local, model_dir, tmp_path):
+    from jobs.infer import main
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    images = list(generate(13, seed=3, size=(20, 24)))
+    for p in images[:10]:
+        (root / f"{p.id}.png").write_bytes(png(p.image))
+    argv = ["--model", str(model_dir), "--input", str(root), "--output", str(out), "--chunk-size", "4",
+            "--batch-size", "4"]
+    assert main(argv) == 0
+    first = {p.name: p.read_bytes() for p in part_files(out)}
+    assert len(first) == 3
+
+    # The archive grows: three images and a tar arrive. Only they are processed; old parts stay.
+    for p in images[10:]:
+        (root / "new" / f"{p.id}.png").parent.mkdir(exist_ok=True)
+        (root / "new" / f"{p.id}.png").write_bytes(png(p.image))
+    make_tar(root / "new" / "late.tar", [("x.png", png(gray(9, 9)), tarfile.REGTYPE)])
+    summary = inf.run_inference(config(model_dir, root, out, incremental=True))
+    assert (summary.units_planned, summary.units_skipped) == (4, 10)
+    assert {p.name: p.read_bytes() for p in part_files(out) if p.name in first} == first
+    df = read_output(str(out))
+    assert len(df) == 14 and df["image_id"].is_unique
+
+    # An interrupted run (simulated: a part never written) is completed by an incremental rerun.
+    victim = sorted(first)[0]
+    lost = set(pq.read_table(out / victim, columns=["image_id"]).column(0).to_pylist())
+    (out / victim).unlink()
+    summary = inf.run_inference(config(model_dir, root, out, incremental=True))
+    assert summary.units_planned == len(lost) == 4
+    df = read_output(str(out))
+    assert len(df) == 14 and df["image_id"].is_unique
+
+    # A full rerun re-plans everything, overwrites and removes parts of the old layout: still once.
+    summary = inf.run_inference(config(model_dir, root, out))
+    df = read_output(str(out))
+    assert len(df) == 14 and df["image_id"].is_unique and summary.parts_deleted >= 1
+    assert len(list((out / "_runs").glob("run-*.json"))) == 4
+
+
+@pytest.mark.slow
+def test_parquet_without_the_image_column_fails_fast_naming_the_file(ray_local, model_dir, tmp_path):
+    pq.write_table(pa.table({"pixels": pa.array([b"x"], pa.binary())}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t\.parquet has no column 'image'.*\['pixels'\]"):
+        inf.run_inference(config(model_dir, tmp_path / "t.parquet", tmp_path / "out"))
+
+
+# =============================================================================================
+# S3
+# =============================================================================================
+
+@pytest.mark.slow
+def test_s3_input_and_output_exactly_once_and_incremental(ray_local, model_dir, s3_env, tmp_path):
+    from unet import storage
+
+    bucket = s3_env
+    files: dict[str, bytes] = {}
+    for name, (data, _) in list(awkward_images().items())[:5]:
+        files[f"scans/a/{name}"] = data
+    for name, (data, _) in broken_images().items():
+        files[f"scans/b/{name}"] = data
+    make_tar(tmp_path / "s.tar", [("m.png", png(gray(8, 8)), tarfile.REGTYPE), ("../x", b"", tarfile.REGTYPE)])
+    files["scans/shards/s.tar"] = (tmp_path / "s.tar").read_bytes()
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"png": pa.array([png(gray(6, 7)), png(gray(7, 6))], pa.binary()),
+                             "case": ["case-1", "case-2"]}), sink)
+    files["scans/table.parquet"] = sink.getvalue().to_pybytes()
+    for key, data in files.items():
+        storage.write_bytes(f"{bucket}/{key}", data)
+
+    out = f"{bucket}/masks"
+    cfg = dict(image_column="png", id_column="case")
+    summary = inf.run_inference(config(model_dir, f"{bucket}/scans", out, **cfg))
+    df = read_output(out)
+    want = ({k[len("scans/"):] for k in files if not k.endswith((".tar", ".parquet"))}
+            | {"shards/s.tar/m.png", "shards/s.tar/../x", "case-1", "case-2"})
+    assert sorted(df["image_id"]) == sorted(want)
+    assert (df["status"] == "error").sum() == len(broken_images()) + 1 == summary.rows_error
+    assert df.set_index("image_id").loc["case-2", "source_uri"] == f"{bucket}/scans/table.parquet#row=1"
+    assert df.set_index("image_id").loc["shards/s.tar/../x", "error"].startswith("unsafe tar member path")
+
+    storage.write_bytes(f"{bucket}/scans/a/late.png", png(gray(5, 5)))
+    summary = inf.run_inference(config(model_dir, f"{bucket}/scans", out, incremental=True, **cfg))
+    assert summary.units_planned == 1 and summary.rows_ok == 1
+    df = read_output(out)
+    assert len(df) == len(want) + 1 and df["image_id"].is_unique
+    runs = list(storage.iter_files(f"{out}/_runs"))
+    assert len(runs) == 2 and os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(runs[0]).decode()
+    assert json.loads(storage.read_bytes(runs[0]))["summary"]["model_id"] == df["model_id"].iloc[0]

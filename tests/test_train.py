@@ -1,0 +1,399 @@
+"""Distributed training (unet.train, jobs.train) on a real local Ray, with tiny phantom shards.
+
+Fast tests check the config, CLI precedence, the resource planner and the LR schedule. Slow tests
+start Ray: 2 CPU workers train and export; a rerun only re-exports; a worker killed mid-run
+resumes from the last checkpoint; checkpoints go to the S3 test server; 2-rank validation counts
+equal single-process counts; two simulated nodes get one worker each; a cluster too small for
+the request fails at once with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.train import build_parser, config_from_args
+from unet import storage
+from unet.cli import UsageError
+from unet.train import (
+    CHECKPOINT_FILE,
+    TrainConfig,
+    fit,
+    load_checkpoint_state,
+    local_ray_options,
+    lr_factor,
+    parse_workers,
+    plan_resources,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"channels": [4, 8, 16]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: config, CLI, planning, schedule
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_precedence_defaults_file_flags_set(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model: attention_unet\nlr: 0.01\nepochs: 7\nmodel_kwargs: {channels: [8, 16, 32]}\n"
+                        "image-size: 96x64\n")
+    args = build_parser().parse_args(["--config", str(cfg_file), "--lr", "0.002", "--no-augment",
+                                      "--set", "epochs=9", "--set", "model_kwargs.dropout=0.2",
+                                      "--workers", "2-4"])
+    cfg = config_from_args(args)
+    assert cfg.model == "attention_unet"            # from the file
+    assert cfg.lr == 0.002                          # flag beats file
+    assert cfg.epochs == 9                          # --set beats file
+    assert cfg.model_kwargs == {"channels": [8, 16, 32], "dropout": 0.2}
+    assert cfg.image_size == (96, 64) and cfg.augment is False
+    assert cfg.worker_range == (2, 4)
+    assert cfg.batch_size == TrainConfig().batch_size  # untouched default
+
+
+def test_toml_config_and_shipped_examples_parse(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "unet_plus_plus"\nloss = "dice"\n[model_kwargs]\ndeep_supervision = true\n')
+    cfg = config_from_args(build_parser().parse_args(["--config", str(toml)]))
+    assert cfg.model == "unet_plus_plus" and cfg.model_kwargs == {"deep_supervision": True}
+    for example in sorted((REPO / "configs").glob("*.yaml")):
+        config_from_args(build_parser().parse_args(["--config", str(example)]))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--set", "lrr=1"], "unknown setting 'lrr'"),
+    (["--set", "lr"], "expected KEY=VALUE"),
+    (["--amp", "fp16"], "amp=fp16 needs use_gpu"),
+    (["--workers", "4-2"], "workers='4-2'"),
+    (["--epochs", "0"], "epochs=0 must be >= 1"),
+    (["--image-size", "big"], "image_size='big'"),
+    (["--set", "batch_size=2.5"], "batch_size=2.5 must be a whole number"),
+    (["--warmup-epochs", "5", "--epochs", "5"], "warmup_epochs=5 must be < epochs=5"),
+])
+def test_bad_settings_name_the_setting(argv, fragment):
+    with pytest.raises(ValueError, match=None) as info:
+        config_from_args(build_parser().parse_args(argv))
+    assert fragment in str(info.value)
+
+
+def test_cli_bad_setting_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--set", "nope=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown setting 'nope'" in proc.stderr
+
+
+def test_help_lists_the_options():
+    text = build_parser().format_help()
+    for flag in ("--data", "--model", "--loss", "--optimizer", "--schedule", "--warmup-epochs",
+                 "--workers", "--use-gpu", "--cpus-per-worker", "--amp", "--storage", "--keep",
+                 "--max-failures", "--smoke-test", "--set", "--config"):
+        assert flag in text
+
+
+def test_parse_workers():
+    assert parse_workers(3) == (3, 3)
+    assert parse_workers("2-8") == (2, 8)
+    with pytest.raises(ValueError):
+        parse_workers("0")
+
+
+def test_plan_gives_ray_data_room_on_two_cpus():
+    plan = plan_resources(TrainConfig(workers=2), {"CPU": 2.0})
+    # Two workers must not take both CPUs: that leaves Ray Data nothing and the epoch never starts.
+    assert plan.cpus_per_worker == 0.5 and plan.torch_threads == 1
+    assert 2 * plan.cpus_per_worker + plan.data_cpus <= 2.0
+    big = plan_resources(TrainConfig(workers=2), {"CPU": 16.0})
+    assert big.cpus_per_worker == 7.0 and big.torch_threads == 7
+    gpu = plan_resources(TrainConfig(workers=4, use_gpu=True), {"CPU": 16.0, "GPU": 4.0})
+    assert gpu.resources_per_worker() == {"CPU": 1.0, "GPU": 1.0}
+
+
+@pytest.mark.parametrize("cfg, cluster, nodes, fragment", [
+    (TrainConfig(workers=2, cpus_per_worker=1), {"CPU": 2.0}, None, "3 CPU, but the cluster has 2 CPU"),
+    (TrainConfig(workers=2), {"CPU": 1.0}, None, "cannot hold 2 training worker(s)"),
+    (TrainConfig(workers=2, use_gpu=True), {"CPU": 8.0, "GPU": 1.0}, None, "2 GPU, but the cluster has 1 GPU"),
+    (TrainConfig(workers=2, cpus_per_worker=2), {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 0.0}],
+     None),
+    (TrainConfig(workers=3, cpus_per_worker=2), {"CPU": 7.0}, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 1.0}],
+     "only 2 worker(s)"),
+])
+def test_plan_refuses_what_the_cluster_cannot_hold(cfg, cluster, nodes, fragment):
+    if fragment is None:
+        plan_resources(cfg, cluster, nodes)
+        return
+    with pytest.raises(UsageError) as info:
+        plan_resources(cfg, cluster, nodes)
+    assert fragment in str(info.value)
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine")
+    f = [lr_factor(e, cfg) for e in range(10)]
+    assert f[0] < f[1] < f[2] == 1.0
+    assert all(a > b for a, b in zip(f[2:], f[3:], strict=False)) and f[-1] > 0
+    poly = [lr_factor(e, TrainConfig(epochs=4, schedule="poly")) for e in range(4)]
+    assert poly[0] == 1.0 and poly[-1] == pytest.approx(0.25 ** 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: real Ray
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    """24 phantoms at 32x32, half train, half val, in shards of 4 rows (several blocks per split)."""
+    from unet.prepare import PrepareConfig, prepare
+
+    out = str(tmp_path_factory.mktemp("prepared"))
+    prepare(PrepareConfig(source="phantoms", out=out, num=24, seed=3, size=(32, 32), ratios=(0.5, 0.5, 0.0),
+                          shard_size=4), command="tests/test_train.py")
+    return out
+
+
+def _val_ids(data_uri: str) -> list[str]:
+    from unet.data import iter_batches
+
+    return sorted(i for b in iter_batches(data_uri, "val", size=(32, 32), batch_size=64) for i in b["id"])
+
+
+def _config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
+    values = dict(data=data, storage=storage_uri, name=name, model="unet", model_kwargs=TINY_MODEL,
+                  image_size=32, epochs=2, batch_size=4, workers=2, keep=1, max_failures=1)
+    values.update(overrides)
+    return TrainConfig.from_dict(values, source="test")
+
+
+@pytest.fixture(scope="module")
+def _ray_module():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_module):
+    """A private 2-CPU local Ray shared by the tests of this module that need no special cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**local_ray_options(2))
+    yield
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_data, tmp_path_factory, _ray_module):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**local_ray_options(2))
+    cfg = _config(phantom_data, str(tmp_path_factory.mktemp("runs")), "two-workers", epochs=3)
+    t0 = time.perf_counter()
+    outcome = fit(cfg, command="pytest two-workers")
+    return cfg, outcome, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_train_checkpoint_and_export(trained_run, phantom_data):
+    from unet.artifact import load_artifact
+
+    cfg, outcome, _ = trained_run
+    assert outcome.trained and outcome.plan.cpus_per_worker == 0.5
+    assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
+    for record in outcome.history:
+        assert np.isfinite(record["train_loss"]) and 0.0 <= record["val_dice"] <= 1.0
+        assert record["train_images"] == 12         # the whole train split, both ranks together
+        assert record["val_images"] == 12           # every val image scored exactly once
+    run_dir = Path(cfg.storage) / cfg.name
+    kept = sorted(p.name for p in run_dir.glob("epoch-*"))
+    # keep=1: the best by val_dice, plus the latest which Ray always keeps.
+    best = max(outcome.history, key=lambda r: (r["val_dice"], r["epoch"]))["epoch"]
+    assert kept == sorted({f"epoch-{best:04d}", "epoch-0003"})
+    assert outcome.best_epoch == best
+    state = torch.load(run_dir / "epoch-0003" / CHECKPOINT_FILE, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "history"} <= set(state)
+    assert state["epoch"] == 3 and state["config"]["name"] == cfg.name
+    assert state["scheduler"]["last_epoch"] == 3
+
+    loaded = load_artifact(outcome.artifact)
+    assert outcome.artifact == str(run_dir / "model")
+    prov = loaded.config["provenance"]
+    assert loaded.config["architecture"] == "unet" and loaded.config["input_size"] == [32, 32]
+    assert prov["best_epoch"] == best and len(prov["history"]) == 3
+    assert prov["data"] == phantom_data and prov["data_manifest_sha256"]
+    assert prov["hardware"]["workers"] == 2 and prov["versions"]["ray"]
+    best_state = torch.load(run_dir / f"epoch-{best:04d}" / CHECKPOINT_FILE, weights_only=True)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, best_state["model"][key]), key
+    assert loaded.model(torch.rand(1, 1, 45, 37)).shape == (1, 1, 45, 37)
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_only_reexports(trained_run):
+    cfg, first, first_seconds = trained_run
+    mtime = (Path(cfg.storage) / cfg.name / "epoch-0003" / CHECKPOINT_FILE).stat().st_mtime
+    again = fit(cfg, command="pytest two-workers again")
+    assert not again.trained and again.best_epoch == first.best_epoch
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+    assert (Path(cfg.storage) / cfg.name / "epoch-0003" / CHECKPOINT_FILE).stat().st_mtime == mtime
+    assert again.seconds < min(30.0, first_seconds)
+    # A different experiment under the same name is refused instead of silently mixed in.
+    with pytest.raises(UsageError, match="exists .* with different settings"):
+        fit(TrainConfig.from_dict({**cfg.to_dict(), "model": "attention_unet"}, source="test"))
+
+
+@pytest.mark.slow
+def test_worker_crash_resumes_from_last_checkpoint(local_ray, phantom_data, tmp_path):
+    marker = tmp_path / "crashed-once"
+    cfg = _config(phantom_data, str(tmp_path / "runs"), "crash", epochs=3, crash_at_epoch=2,
+                  crash_rank=1, crash_marker=str(marker), max_failures=1)
+    outcome = fit(cfg)
+    assert marker.exists(), "the fault drill did not fire"
+    assert outcome.trained
+    assert outcome.start_epoch == 2          # restarted after epoch 1's checkpoint, not from scratch
+    assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_checkpoints_and_artifact_on_s3(local_ray, phantom_data, s3_env):
+    from unet.artifact import load_artifact
+
+    cfg = _config(phantom_data, f"{s3_env}/runs", "on-s3", epochs=1)
+    outcome = fit(cfg)
+    files = [u.rsplit("/on-s3/", 1)[1] for u in storage.iter_files(cfg.run_uri)]
+    assert "checkpoint_manager_snapshot.json" in files
+    assert f"epoch-0001/{CHECKPOINT_FILE}" in files and "model/model.safetensors" in files
+    assert outcome.artifact == f"{s3_env}/runs/on-s3/model"
+    assert load_artifact(outcome.artifact).config["provenance"]["epochs"] == 1
+
+
+def _validate_only_loop(config):
+    """Worker loop for the equality test: fixed weights, the library's validate(), no training."""
+    import ray.train
+    import ray.train.torch
+
+    from unet.data import collate_torch
+    from unet.models import build_model
+    from unet.train import _gather, validate
+
+    torch.set_num_threads(1)
+    model = build_model("unet", **TINY_MODEL)
+    model.load_state_dict(torch.load(config["weights"], weights_only=True))
+    model = ray.train.torch.prepare_model(model)
+    seen: list[str] = []
+
+    def counted(batches):
+        for batch in batches:
+            seen.extend(batch["id"])
+            yield batch
+
+    shard = ray.train.get_dataset_shard("val")
+    accs, _ = validate(model, counted(shard.iter_torch_batches(batch_size=1, collate_fn=collate_torch)),
+                       ray.train.torch.get_device())
+    return {"state": accs["overall"].state().tolist(), "ids_per_rank": _gather(seen)}
+
+
+@pytest.mark.slow
+def test_two_rank_validation_equals_single_process(local_ray, phantom_data, tmp_path):
+    import ray.cloudpickle
+
+    from unet.data import collate_torch, iter_batches, read_split
+    from unet.models import build_model
+    from unet.train import build_trainer, evaluate, plan_resources
+
+    torch.manual_seed(0)
+    model = build_model("unet", **TINY_MODEL).eval()
+    with torch.no_grad():  # BN stats that are not the identity, so buffer handling matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    weights = tmp_path / "fixed.pt"
+    torch.save(model.state_dict(), weights)
+
+    # Single process: the same evaluate() over a plain iterator, one image per forward.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batches = (collate_torch(b) for b in iter_batches(phantom_data, "val", size=(32, 32), batch_size=1))
+        single = evaluate(model, batches, torch.device("cpu"))["overall"]
+    finally:
+        torch.set_num_threads(threads)
+
+    # Two ranks: the training job's trainer setup (unequal val split) and validate().
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = _config(phantom_data, str(tmp_path / "runs"), "validate-only")
+    plan = plan_resources(cfg, ray.cluster_resources())
+    trainer = build_trainer(cfg, plan, {"val": read_split(phantom_data, "val", size=(32, 32))},
+                            train_loop=_validate_only_loop, loop_config={"weights": str(weights)})
+    out = trainer.fit().return_value
+
+    ids = out["ids_per_rank"]
+    assert len(ids) == 2
+    assert sorted(ids[0] + ids[1]) == _val_ids(phantom_data)      # each image once, none dropped
+    distributed = np.asarray(out["state"])
+    fields = single.FIELDS
+    for name in ("tp", "fp", "fn", "tn", "images"):                # exact integer counts
+        assert distributed[fields.index(name)] == single.state()[fields.index(name)], name
+    from unet.metrics import MetricAccumulator
+
+    assert MetricAccumulator().merge(distributed).compute()["dice_micro"] == single.compute()["dice_micro"]
+    assert single.compute()["tp"] > 0
+
+
+@pytest.mark.slow
+def test_two_node_cluster_puts_one_worker_per_node(phantom_data, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test needs its own (two-node) cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        options = local_ray_options()
+        ray.init(address=cluster.address, runtime_env=options["runtime_env"])
+        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(node_ids) == 2
+        cfg = _config(phantom_data, str(tmp_path / "runs"), "two-nodes", epochs=1,
+                      placement_strategy="STRICT_SPREAD")
+        outcome = fit(cfg)
+        assert outcome.plan.cpus_per_worker == 0.5  # (2 CPU - 1 for Ray Data) / 2 workers
+        from ray.train import Result
+
+        metrics = Result.from_path(str(tmp_path / "runs" / "two-nodes")).metrics
+        assert metrics["world_size"] == 2
+        assert set(metrics["worker_nodes"]) == node_ids  # one worker on each node
+        assert outcome.history[0]["val_images"] == 12
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_cluster_too_small_fails_fast_with_one_line(phantom_data, tmp_path):
+    """2 workers x 1 CPU + 1 CPU for Ray Data on a 1-CPU Ray: refused before any worker starts."""
+    import ray
+
+    ray.shutdown()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--data", phantom_data, "--storage", str(tmp_path),
+         "--workers", "2", "--cpus-per-worker", "1", "--num-cpus", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("jobs.train: error: cluster too small") and "lower --workers" in last
+    assert elapsed < 90
+    assert not list(tmp_path.glob("unet/epoch-*"))
