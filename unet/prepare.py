@@ -21,8 +21,8 @@ Steps:
    at 12 the first pairs of different patients appear and at 14 they dominate. Threshold 10
    gives 475 groups, 115 of them with 2-7 images (263 images), 8 spanning two classes.
 3. **Split** (:func:`assign_splits`): whole groups go to train/val/test, stratified by the
-   group's majority class, filling each split towards its ratio (largest group first, seeded
-   order among equals). Near-duplicates therefore never straddle two splits.
+   group's majority class, in a seeded random order, each to the split furthest below its
+   target. Near-duplicates therefore never straddle two splits.
 4. **Write** (:func:`write_dataset`) ``URI/{split}/part-00000.parquet``... (schema
    :data:`SHARD_SCHEMA`) and ``URI/manifest.json`` through :mod:`unet.storage` (local path or
    ``s3://``). Same inputs and arguments give byte-identical shards; part files left over from a
@@ -303,8 +303,10 @@ def read_busi(input_dir: str | Path, progress: Callable[[int, int], None] | None
             rel = f"{cls}/{images[stem].name}"
             if stem in seen:
                 skip(rel, f"duplicate id {stem!r}: also in {seen[stem]}/")
-            elif not masks.get(stem):
-                skip(rel, f"missing mask (expected {stem}_mask.png)")
+            elif not any(index == 0 for index, _ in masks.get(stem, [])):
+                # BUSI always has NAME_mask.png; extra masks alone would be a partial lesion.
+                others = ", ".join(p.name for _, p in sorted(masks.get(stem, [])))
+                skip(rel, f"missing mask (expected {stem}_mask.png" + (f"; found only {others})" if others else ")"))
             else:
                 seen[stem] = cls
                 todo.append((stem, cls, images[stem], [p for _, p in sorted(masks[stem])]))
@@ -384,9 +386,9 @@ def assign_splits(classes: Sequence[str], groups: Sequence[int], ratios: Sequenc
     """Split name per item; all items of a group get the same split.
 
     Groups are stratified by their majority class (ties: first in :data:`CLASSES`). Within a
-    class, groups are taken largest first (seeded random order among equal sizes) and each goes
-    to the split furthest below its target count (ratio x images of that class); splits with
-    ratio 0 get nothing. Deterministic for given inputs and seed.
+    class, groups are taken in a seeded random order and each goes to the split furthest below
+    its target count (ratio x images of that class), so a split misses its target by less than
+    one group; splits with ratio 0 get nothing. Deterministic for given inputs and seed.
     """
     if len(classes) != len(groups):
         raise ValueError(f"classes ({len(classes)}) and groups ({len(groups)}) differ in length")
@@ -403,8 +405,9 @@ def assign_splits(classes: Sequence[str], groups: Sequence[int], ratios: Sequenc
     rng = np.random.default_rng(seed)
     result = [""] * len(classes)
     for cls in sorted(strata, key=lambda c: (c not in CLASSES, CLASSES.index(c) if c in CLASSES else 0, c)):
+        # Seeded random order, not largest-first: largest-first would put every multi-image group
+        # into train and leave val/test with only images that have no near-duplicate.
         roots = [strata[cls][k] for k in rng.permutation(len(strata[cls]))]
-        roots.sort(key=lambda r: -len(members[r]))  # stable: the seeded order survives among equals
         total = sum(len(members[r]) for r in roots)
         have = [0] * len(ratios)
         for root in roots:

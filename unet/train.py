@@ -452,6 +452,37 @@ def _round_down(value: float, step: float = 0.01) -> float:
     return math.floor(value / step + 1e-9) * step
 
 
+def _node_cpus(nodes: Sequence[Mapping[str, float]]) -> list[float]:
+    return [float(n.get("CPU", 0.0)) for n in nodes]
+
+
+def _place_workers(plan: ResourcePlan, nodes: list[dict], strategy: str) -> list[float] | None:
+    """Free CPUs per node after placing ``plan.min_workers`` workers the way ``strategy`` would
+    (greedy approximation of Ray's placement); None if they do not fit."""
+    cpu = [float(n.get("CPU", 0.0)) for n in nodes]
+    gpu = [float(n.get("GPU", 0.0)) for n in nodes]
+    order = sorted(range(len(nodes)), key=lambda i: -cpu[i])
+    used_nodes: list[int] = []
+
+    def fits(i: int) -> bool:
+        return cpu[i] >= plan.cpus_per_worker - 1e-9 and gpu[i] >= plan.gpus_per_worker - 1e-9
+
+    for w in range(plan.min_workers):
+        if "SPREAD" in strategy:
+            # Next node round-robin that still fits; STRICT_SPREAD never reuses a node.
+            candidates = [i for i in order if fits(i) and (i not in used_nodes or strategy == "SPREAD")]
+            candidates.sort(key=lambda i: used_nodes.count(i))
+        else:
+            candidates = [i for i in order if fits(i)]
+        if not candidates:
+            return None
+        i = candidates[0]
+        cpu[i] -= plan.cpus_per_worker
+        gpu[i] -= plan.gpus_per_worker
+        used_nodes.append(i)
+    return cpu
+
+
 def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
                    nodes: Sequence[Mapping[str, float]] | None = None) -> ResourcePlan:
     """Size the workers for ``cluster`` (``ray.cluster_resources()``) and check that they fit.
@@ -461,7 +492,9 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
     (whole CPUs when the share is >= 1, else a fraction — 0.5 each for 2 workers on 2 CPUs).
     Elastic runs are planned for their maximum size so a grown group still leaves Ray Data room.
 
-    ``nodes`` (per-node resources) adds a placement check: a worker must fit on one node.
+    ``nodes`` (per-node resources, e.g. from ``ray.nodes()``) adds placement checks: each worker must
+    fit on one node, and after placing them (as ``placement_strategy`` would) one node must keep a
+    whole CPU free, because Ray Data's file-listing task asks for 1 CPU.
 
     Raises:
         UsageError: the cluster cannot hold ``min_workers`` workers plus ``data_cpus`` — with the
@@ -495,15 +528,17 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
         raise UsageError(f"cluster too small: {low} worker(s) x {gpus:g} GPU = {low * gpus:g} GPU, but the "
                          f"cluster has {total_gpu:g} GPU; lower --workers/--gpus-per-worker or drop --use-gpu")
     if nodes:
-        fit = 0
-        for node in nodes:
-            n = math.floor(float(node.get("CPU", 0.0)) / cpus + 1e-9)
-            if gpus:
-                n = min(n, math.floor(float(node.get("GPU", 0.0)) / gpus + 1e-9))
-            fit += n
-        if fit < low:
-            raise UsageError(f"cluster too fragmented: only {fit} worker(s) of {plan.resources_per_worker()} "
-                             f"fit on its {len(nodes)} node(s), {low} needed; {hint}")
+        free = _place_workers(plan, [dict(n) for n in nodes], cfg.placement_strategy)
+        if free is None:
+            raise UsageError(f"cluster too fragmented: {low} worker(s) of {plan.resources_per_worker()} do "
+                             f"not fit on its {len(nodes)} node(s) {_node_cpus(nodes)}; {hint}")
+        # Ray Data's file-listing task asks for a whole CPU on one node; if the workers leave only
+        # fractions scattered over nodes, the first epoch never starts.
+        if data_cpus > 0 and max(free) < min(1.0, data_cpus) - 1e-9:
+            raise UsageError(f"cluster too fragmented: with {low} worker(s) of {plan.resources_per_worker()} "
+                             f"placed {cfg.placement_strategy} on nodes {_node_cpus(nodes)}, no node keeps a "
+                             f"whole CPU free for Ray Data (free per node: {[round(f, 2) for f in free]}); "
+                             f"use fewer --cpus-per-worker, PACK placement or bigger nodes")
     return plan
 
 

@@ -31,14 +31,19 @@ Using it from Ray Train (the trainer owns these calls)::
 Per-epoch shuffling without materialising anything: the train split is read with
 ``FileShuffleConfig(seed, reseed_after_execution=True)`` — a different shard order every epoch —
 and ``local_shuffle_buffer_size`` in ``iter_torch_batches`` mixes rows across nearby shards
-(a buffer of a few shards' worth of rows; each row is ~2 x H x W x 4 bytes, 128 KiB at 128 px).
+(each row is ~2 x H x W x 4 bytes, 128 KiB at 128 px). The buffer lives in the consuming process
+and pins its rows in the object store outside Ray Data's memory budget, so keep
+``buffer rows x row bytes`` well below the object store (256 rows = 32 MiB at 128 px: fine with
+Ray's default store of 30% of RAM; use ~64 with a 100 MiB store — see bench/data_memory.py).
 ``Dataset.random_shuffle``/``randomize_block_order`` are avoided on purpose: both are barriers
 that pull the whole split into the object store before the first batch.
 
 With ``epoch=None`` (the default for :func:`read_split`) the epoch used for augmentation is Ray
 Data's execution counter for this Dataset, which advances by one each time the Dataset is
 iterated — i.e. once per training epoch — so one Dataset handed to a Trainer yields fresh but
-reproducible augmentations every epoch. Pass ``epoch=`` explicitly to pin it.
+reproducible augmentations every epoch (checked through ``streaming_split``, as Ray Train uses
+it: pass k equals ``iter_batches(..., epoch=k)``). Any other execution of the same Dataset
+object (``count()``, ``take()``) also advances the counter; pass ``epoch=`` to pin it.
 
 Resources: the read and the transform each ask for ``num_cpus`` (default 0.5) per task. On a
 small machine where Ray Train workers hold whole CPUs, requests of 1 CPU would leave Ray Data
@@ -83,8 +88,10 @@ class BatchTransform:
         size: training size (height, width). Default (128, 128).
         augment: an :class:`AugmentConfig` to augment, ``None`` for none. Default None.
         seed: base seed for augmentation. Default 0.
-        epoch: epoch mixed into each sample's seed; ``None`` = Ray Data's execution counter
-            (inside Ray) or 0 (outside). Default None.
+        epoch: epoch mixed into each sample's seed; ``None`` = ``epoch_offset`` + Ray Data's
+            execution counter (inside Ray) or ``epoch_offset`` (outside). Default None.
+        epoch_offset: added to the execution counter when ``epoch`` is None — a run resumed at
+            epoch k passes k so it does not replay epoch 0's augmentations. Default 0.
         mean, std: intensity normalisation (stored in the model artifact). Defaults 0.5, 0.25.
 
     Call it with a dict of NumPy arrays holding the shard columns ``id``, ``class``, ``image_png``
@@ -100,7 +107,7 @@ class BatchTransform:
 
     def __init__(self, size: tuple[int, int] = DEFAULT_SIZE, augment: AugmentConfig | None = None,
                  seed: int = 0, epoch: int | None = None, mean: float = DEFAULT_MEAN,
-                 std: float = DEFAULT_STD):
+                 std: float = DEFAULT_STD, epoch_offset: int = 0):
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size={size!r} must be (height, width) with positive integers")
         if std <= 0:
@@ -109,6 +116,7 @@ class BatchTransform:
         self.augment = augment
         self.seed = int(seed)
         self.epoch = epoch
+        self.epoch_offset = int(epoch_offset)
         self.mean, self.std = float(mean), float(std)
         self._augmenter: Augmenter | None = None
 
@@ -119,7 +127,7 @@ class BatchTransform:
     def _current_epoch(self) -> int:
         if self.epoch is not None:
             return int(self.epoch)
-        return _ray_execution_index()
+        return self.epoch_offset + _ray_execution_index()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [c for c in READ_COLUMNS if c not in batch]
@@ -191,7 +199,8 @@ def shard_uris(uri: str, split: str, **storage_kw) -> list[str]:
 
 def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                augment: AugmentConfig | bool | None = None, seed: int = 0,
-               epoch: int | None = None, shuffle: bool | None = None, batch_size: int = 32,
+               epoch: int | None = None, epoch_offset: int = 0, shuffle: bool | None = None,
+               batch_size: int = 32,
                num_cpus: float = 0.5, concurrency: int | None = None,
                max_block_mib: float | None = None,
                mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
@@ -207,6 +216,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
             Default None — pass it for the train split only.
         seed: seed for augmentation and shard order. Default 0.
         epoch: pin the augmentation epoch; None = advance with every pass over the Dataset.
+        epoch_offset: first epoch number when ``epoch`` is None (set it when resuming). Default 0.
         shuffle: shuffle shard order per pass; None = only when augmenting. Default None.
         batch_size: rows per transform call (bounds a task's memory; not the training batch).
         num_cpus: CPUs requested per read and per transform task. Default 0.5.
@@ -238,7 +248,8 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
-    transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std)
+    transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std,
+                               epoch_offset=epoch_offset)
     ds = ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                         concurrency=concurrency)
     if max_block_mib is not None:

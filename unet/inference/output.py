@@ -1,0 +1,163 @@
+"""The output format: schema of the mask rows, and how parts are assembled, written and read back.
+
+See the package docstring (:mod:`unet.inference`) for the meaning of each column.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .. import storage
+from .plan import Chunk
+
+__all__ = ["OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler", "delete_parts", "list_parts", "part_bytes",
+           "part_name", "read_footer"]
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("mask_png", pa.binary()),
+    pa.field("tumour_pixels", pa.int64()),
+    pa.field("tumour_fraction", pa.float32()),
+    pa.field("bbox", pa.list_(pa.int32())),
+    pa.field("confidence", pa.float32()),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+# Bookkeeping columns that travel with each row through the pipeline and are dropped on write:
+# which chunk (= output part) the row belongs to, its position in the chunk, and — on the one
+# end-of-archive marker row per tar (_seq == -1) — how many rows the chunk has.
+INTERNAL_FIELDS = [pa.field("_chunk", pa.string()), pa.field("_seq", pa.int64()), pa.field("_n", pa.int64())]
+PIPELINE_SCHEMA = pa.schema(INTERNAL_FIELDS + list(OUTPUT_SCHEMA))
+
+FORMAT_VERSION = "1"
+PART_RE = re.compile(r"^part-[0-9a-f]{40}\.parquet$")
+TMP_PART_RE = re.compile(r"^\.part-[0-9a-f]{40}\.parquet\.tmp-")  # unet.storage.write_bytes temporaries
+META_FORMAT = b"unet.infer.format"
+META_UNITS = b"unet.infer.units"
+META_KIND = b"unet.infer.kind"
+META_ERRORS = b"unet.infer.errors"
+META_MODEL = b"unet.infer.model_id"
+
+
+def part_name(chunk_key: str) -> str:
+    return f"part-{chunk_key}.parquet"
+
+
+class PartAssembler:
+    """Groups streamed rows by chunk, drops duplicates, writes each part once it is complete.
+
+    ``write(chunk, table)`` is called exactly once per chunk, with the rows sorted by position.
+    Duplicates (a retried task or a restarted actor sending rows again) are dropped by position.
+    """
+
+    def __init__(self, chunks: dict[str, Chunk], write):
+        self.chunks = chunks
+        self.write = write
+        self.pieces: dict[str, list[pa.Table]] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.written: set[str] = set()
+        self.duplicates = 0
+
+    def add(self, table: pa.Table) -> None:
+        keys = table.column("_chunk")
+        for key in pc.unique(keys).to_pylist():
+            self._add(key, table.filter(pc.equal(keys, key)))
+
+    def _add(self, key: str, rows: pa.Table) -> None:
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            raise RuntimeError(f"received rows for chunk {key} that is not in this run's plan")
+        if key in self.written:
+            self.duplicates += rows.num_rows
+            return
+        seen = self.seen.setdefault(key, set())
+        seqs = rows.column("_seq").to_pylist()
+        keep = []
+        for i, seq in enumerate(seqs):
+            if seq < 0:
+                chunk.expected = int(rows.column("_n")[i].as_py())
+                keep.append(False)
+            elif seq in seen:
+                self.duplicates += 1
+                keep.append(False)
+            else:
+                seen.add(seq)
+                keep.append(True)
+        if any(keep):
+            self.pieces.setdefault(key, []).append(rows.filter(pa.array(keep)))
+        if chunk.expected is not None and len(seen) >= chunk.expected:
+            if len(seen) > chunk.expected or (seen and max(seen) >= chunk.expected):
+                raise RuntimeError(f"chunk {key} got positions {sorted(seen)[:5]}... beyond its "
+                                   f"{chunk.expected} rows")
+            pieces = self.pieces.pop(key, [])
+            table = (pa.concat_tables(pieces) if pieces else PIPELINE_SCHEMA.empty_table()).sort_by("_seq")
+            self.seen.pop(key, None)
+            self.written.add(key)
+            self.write(chunk, table)
+
+    def incomplete(self) -> list[str]:
+        return [f"{k} ({len(self.seen.get(k, ()))}/{c.expected if c.expected is not None else '?'} rows)"
+                for k, c in self.chunks.items() if k not in self.written]
+
+
+def part_bytes(chunk: Chunk, table: pa.Table, model_id: str) -> tuple[bytes, int, int]:
+    """Serialise a part (exact OUTPUT_SCHEMA + footer metadata); returns (bytes, ok, errors)."""
+    table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
+    units = table.column("image_id").to_pylist() if chunk.kind == "image" else [chunk.unit_key]
+    table = table.replace_schema_metadata({
+        META_FORMAT: FORMAT_VERSION.encode(), META_KIND: chunk.kind.encode(),
+        META_UNITS: json.dumps(units).encode(), META_ERRORS: str(errors).encode(),
+        META_MODEL: model_id.encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes(), table.num_rows - errors, errors
+
+
+def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:
+    """Names of the complete parts in the output; removes temporaries of interrupted local writes."""
+    with storage.errors(out_uri, "list output"):
+        infos = fs.get_file_info(pafs.FileSelector(out_path, recursive=False, allow_not_found=True))
+    names = [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File]
+    for name in names:
+        if TMP_PART_RE.match(name):
+            with storage.errors(storage.join(out_uri, name), "delete leftover temporary"):
+                fs.delete_file(f"{out_path}/{name}")
+    return sorted(n for n in names if PART_RE.match(n))
+
+
+def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str]:
+    """(unit keys, error rows, model_id) recorded in an output part's footer."""
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ValueError(f"{uri}: cannot read the Parquet footer of this output part ({e}); delete it or "
+                         f"run without --incremental") from e
+    if META_UNITS not in meta:
+        raise ValueError(f"{uri}: not written by unet.inference (no {META_UNITS.decode()} footer entry); "
+                         f"move it out of the output folder")
+    return json.loads(meta[META_UNITS]), int(meta.get(META_ERRORS, b"0")), meta.get(META_MODEL, b"?").decode()
+
+
+def delete_parts(fs: pafs.FileSystem, out_path: str, out_uri: str, names: Iterable[str]) -> int:
+    """Delete the named parts from the output folder; returns how many."""
+    count = 0
+    for name in names:
+        with storage.errors(storage.join(out_uri, name), "delete"):
+            fs.delete_file(f"{out_path}/{name}")
+        count += 1
+    return count

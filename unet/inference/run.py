@@ -1,0 +1,299 @@
+"""The inference run: settings, planning, the Ray Data pipeline and the part writer, in order."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .. import storage
+from .decode import DEFAULT_MAX_PIXELS
+from .model import CRASH_ENV, Predictor, postprocess
+from .output import OUTPUT_SCHEMA, PartAssembler, delete_parts, list_parts, part_bytes, part_name, read_footer
+from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
+from .read import DEFAULT_MAX_BYTES, read_and_decode, read_plan_file
+
+logger = logging.getLogger("unet.inference")
+
+__all__ = ["InferenceConfig", "InferenceSummary", "run_inference"]
+
+# Plan rows per read/decode task: small enough to spread decoding over all CPUs, large enough
+# that task overhead (~ms) stays small next to decoding (~ms per image).
+READ_ROWS_PER_TASK = 16
+MAX_PENDING_WRITES = 8
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Everything one inference run needs (S3 endpoint and credentials come from the AWS_* env).
+
+    Args:
+        model: pretrained name, artifact directory or URI (:func:`unet.artifact.load_artifact`).
+        input: folder/prefix, tar, Parquet or image file URI.
+        output: folder/prefix URI for the Parquet parts.
+        image_column / id_column: Parquet inputs: column with encoded image bytes / with ids.
+        chunk_size: images (or Parquet rows) per output part.
+        workers, batch_size, gpus_per_worker, cpus_per_worker: the model actor pool.
+        threshold: probability threshold; None = the artifact's.
+        tta: average with the horizontally flipped prediction.
+        largest_component: keep only the largest connected tumour region.
+        incremental: skip inputs already in the output; retry_errors: redo parts with errors.
+        max_pixels / max_bytes: larger images / files become error rows.
+        exclude: glob patterns on the relative path (e.g. ``*_mask*.png``) of files to ignore.
+        check_resources: refuse a request the cluster cannot hold (off for autoscaling clusters).
+    """
+
+    model: str
+    input: str
+    output: str
+    image_column: str = "image"
+    id_column: str | None = None
+    chunk_size: int = 1000
+    workers: int = 1
+    batch_size: int = 16
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    threshold: float | None = None
+    tta: bool = False
+    largest_component: bool = False
+    incremental: bool = False
+    retry_errors: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    exclude: tuple[str, ...] = ()
+    check_resources: bool = True
+
+    def __post_init__(self):
+        for name in ("chunk_size", "workers", "batch_size", "max_pixels", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0; got "
+                             f"{self.gpus_per_worker!r} and {self.cpus_per_worker!r}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), e.g. 0.5; got {self.threshold!r}")
+        if self.retry_errors and not self.incremental:
+            raise ValueError("retry_errors only makes sense with incremental (a full run redoes everything)")
+        if not self.image_column:
+            raise ValueError("image_column must name the Parquet column holding image bytes")
+
+
+@dataclass
+class InferenceSummary:
+    """What a run did (also written to ``<output>/_runs/``)."""
+
+    output: str
+    model_id: str
+    mode: str
+    parts_written: int = 0
+    rows_ok: int = 0
+    rows_error: int = 0
+    units_planned: int = 0
+    units_skipped: int = 0
+    parts_deleted: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_resources(config: InferenceConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    need_cpu = config.workers * config.cpus_per_worker
+    # Reading and post-processing need a CPU beside the model actors, or the pipeline stalls.
+    if need_cpu + 0.5 > cpus:
+        raise ValueError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker} needs "
+                         f"{need_cpu:g} CPUs plus some for reading, but the Ray cluster has {cpus:g}; "
+                         f"use fewer workers (or --no-check-resources on an autoscaling cluster)")
+    need_gpu = config.workers * config.gpus_per_worker
+    if need_gpu > gpus:
+        raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
+                         f"{need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or pass "
+                         f"--no-check-resources on an autoscaling cluster)")
+
+
+def run_inference(config: InferenceConfig) -> InferenceSummary:
+    """Run bulk inference as described in :mod:`unet.inference`; Ray must be initialised.
+
+    Steps: load the model, list and plan the inputs (skipping those already in the output when
+    incremental), run the Ray Data pipeline while writing parts, record the run.
+    Returns an :class:`InferenceSummary`; raises ``ValueError`` / ``OSError`` for bad inputs that
+    stop the whole job (missing input, no such model, Parquet without the image column, ...).
+    """
+    from ..artifact import load_artifact
+
+    started = time.monotonic()
+    loaded = load_artifact(config.model)
+    settings = loaded.config
+    input_size = tuple(int(v) for v in settings["input_size"])
+    mean, std = float(settings["normalization"]["mean"]), float(settings["normalization"]["std"])
+    threshold = float(settings["threshold"]) if config.threshold is None else config.threshold
+    if config.check_resources:
+        _check_resources(config)
+
+    in_fs, in_path = storage.get_filesystem(config.input)
+    out_fs, out_path = storage.get_filesystem(config.output)
+    out_path = out_path.rstrip("/")
+    storage.makedirs(config.output)
+    root, root_uri, single = input_root(config.input, in_fs, in_path)
+    summary = InferenceSummary(config.output, loaded.model_id, "incremental" if config.incremental else "full")
+
+    # Bookkeeping lives under <output>/_tmp (plan files) while running; a killed run's leftovers
+    # are cleared here. Only one job may write to an output folder at a time.
+    run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    tmp_path, tmp_uri = f"{out_path}/_tmp", storage.join(config.output, "_tmp")
+    with storage.errors(tmp_uri, "clear leftovers of an interrupted run in"):
+        out_fs.delete_dir_contents(tmp_path, missing_dir_ok=True)
+    plan = PlanWriter(out_fs, f"{tmp_path}/plan-{run_id}", config.output)
+
+    existing = list_parts(out_fs, out_path, config.output)
+    with tempfile.TemporaryDirectory(prefix="unet-infer-") as scratch:
+        done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id, summary) \
+            if config.incremental else None
+        try:
+            chunks, summary.units_planned, summary.units_skipped = plan_inputs(
+                config, in_fs, root, root_uri, single, done, plan)
+        finally:
+            if done is not None:
+                done.close()
+    if not config.incremental:
+        # Parts of an earlier layout (other inputs or chunk size) would duplicate rows: remove
+        # them before any work, so that even an interrupted run never leaves an input twice.
+        planned = {part_name(k) for k in chunks}
+        stale = [n for n in existing if n not in planned]
+        summary.parts_deleted += delete_parts(out_fs, out_path, config.output, stale)
+        if stale:
+            logger.info("full run: deleted %d parts from earlier runs that are not in this plan", len(stale))
+    logger.info("planned %d inputs in %d chunks (%d plan rows); %d already done",
+                summary.units_planned, len(chunks), plan.total, summary.units_skipped)
+
+    if chunks:
+        _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, input_size, mean, std,
+                 threshold, summary)
+    with storage.errors(tmp_uri, "clean up"):
+        if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
+            out_fs.delete_dir(tmp_path)
+    summary.wall_s = round(time.monotonic() - started, 3)
+    record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config), "threshold": threshold,
+              "input_size": list(input_size), "normalization": {"mean": mean, "std": std},
+              "output_schema": [f"{f.name}: {f.type}" for f in OUTPUT_SCHEMA]}
+    storage.write_bytes(storage.join(config.output, "_runs", f"run-{run_id}.json"),
+                        (json.dumps(record, indent=2, default=str) + "\n").encode())
+    return summary
+
+
+def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_fs, out_path: str,
+                model_id: str, summary: InferenceSummary) -> DoneIndex:
+    """Index the units the output's parts already cover, reading one footer at a time."""
+    done = DoneIndex(scratch)
+    retry, models = [], set()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        footers = pool.map(lambda n: (n, read_footer(out_fs, f"{out_path}/{n}", storage.join(config.output, n))),
+                           existing)
+        for name, (units, errors, part_model) in footers:
+            models.add(part_model)
+            if config.retry_errors and errors:
+                retry.append(name)
+            else:
+                done.add(units)
+    # Deleted before the rerun, not after: an interrupted retry then simply leaves them to do.
+    summary.parts_deleted += delete_parts(out_fs, out_path, config.output, retry)
+    if models - {model_id}:
+        logger.warning("the output already holds masks from model(s) %s; this incremental run adds masks "
+                       "from %s (run without --incremental to redo everything with one model)",
+                       sorted(models - {model_id}), model_id)
+    logger.info("incremental: %d units already in %d parts; %d parts with errors deleted for retry",
+                done.count, len(existing) - len(retry), len(retry))
+    return done
+
+
+def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_files: list[str], in_fs,
+             root: str, root_uri: str, input_size: tuple[int, int], mean: float, std: float,
+             threshold: float, summary: InferenceSummary) -> None:
+    """Build the Ray Data pipeline over the plan and write parts as chunks complete."""
+    import ray
+
+    # The plan files are read by our own small task rather than ray.data.read_parquet, whose
+    # file listing/footer pass costs seconds per run even for one tiny file. A plan file holds up
+    # to PLAN_ROWS_PER_FILE rows; without splitting, one task would decode a whole file of images
+    # serially, so a streaming repartition cuts them into small blocks.
+    ds = ray.data.from_items([{"path": p} for p in plan_files])
+    out_fs = storage.get_filesystem(config.output)[0]
+    ds = ds.map_batches(read_plan_file, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(fs=out_fs))
+    ds = ds.repartition(target_num_rows_per_block=READ_ROWS_PER_TASK)
+    # Half a CPU per read task: reads wait on storage as much as they decode. It also keeps the
+    # remote args different from the model actors', which stops Ray Data from fusing decoding
+    # into the actors (they would then decode serially instead of feeding the model).
+    read_cpus = 0.5 if config.cpus_per_worker != 0.5 else 0.25
+    ds = ds.map_batches(
+        read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=read_cpus,
+        fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=input_size,
+                       image_column=config.image_column, id_column=config.id_column,
+                       max_pixels=config.max_pixels, max_bytes=config.max_bytes))
+    hook = os.environ.get(CRASH_ENV)
+    ds = ds.map_batches(
+        Predictor, batch_format="numpy", batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.workers),
+        num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None,
+        fn_constructor_kwargs=dict(model=loaded.model, mean=mean, std=std, tta=config.tta,
+                                   use_gpu=config.gpus_per_worker > 0,
+                                   num_threads=int(config.cpus_per_worker)),
+        runtime_env={"env_vars": {CRASH_ENV: hook}} if hook else None)
+    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None,
+                        fn_kwargs=dict(threshold=threshold, largest_component=config.largest_component,
+                                       model_id=loaded.model_id))
+
+    pending: list[concurrent.futures.Future] = []
+
+    with concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="unet-infer-write") as pool:
+        def write(chunk: Chunk, table: pa.Table) -> None:
+            name = part_name(chunk.key)
+
+            def job():
+                data, ok, errors = part_bytes(chunk, table, loaded.model_id)
+                storage.write_bytes(storage.join(config.output, name), data)
+                return ok, errors
+
+            pending.append(pool.submit(job))
+            while len(pending) >= MAX_PENDING_WRITES:  # bound the parts held in memory
+                _collect(pending, summary, wait=True)
+
+        assembler = PartAssembler(chunks, write)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            assembler.add(batch)
+            _collect(pending, summary, wait=False)
+        while pending:
+            _collect(pending, summary, wait=True)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("Ray Data stats:\n%s", ds.stats())
+    if assembler.duplicates:
+        logger.info("dropped %d duplicate rows from retried tasks", assembler.duplicates)
+    missing = assembler.incomplete()
+    if missing:
+        raise RuntimeError(f"{len(missing)} chunk(s) did not receive all their rows and were not written "
+                           f"(a bug; rerun with --incremental to complete): {missing[:5]}")
+
+
+def _collect(pending: list, summary: InferenceSummary, wait: bool) -> None:
+    if wait and pending:
+        concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+    for future in [f for f in pending if f.done()]:
+        pending.remove(future)
+        ok, errors = future.result()  # a failed write raises here and stops the job
+        summary.parts_written += 1
+        summary.rows_ok += ok
+        summary.rows_error += errors
