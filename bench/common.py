@@ -313,8 +313,8 @@ def _rss_pss(pid: int) -> tuple[int, int]:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0, 0
-    rss = re.search(r"^Rss:\s+(\d+) kB", text, re.M)
-    pss = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    rss = re.search(r"^Rss:\s+(\d+) kB", text, re.MULTILINE)
+    pss = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
     return (int(rss.group(1)) * 1024 if rss else 0), (int(pss.group(1)) * 1024 if pss else 0)
 
 
@@ -367,6 +367,7 @@ def job_env() -> dict:
 
 @dataclass
 class JobRun:
+    pid: int
     returncode: int
     wall_s: float
     stdout: str
@@ -407,7 +408,7 @@ def run_job(args: Sequence[str], *, sample_memory: bool = False, timeout: float 
             raise
         finally:
             memory = sampler.stop() if sampler else None
-    run = JobRun(rc, time.perf_counter() - t0, out_path.read_text(errors="replace"),
+    run = JobRun(proc.pid, rc, time.perf_counter() - t0, out_path.read_text(errors="replace"),
                  err_path.read_text(errors="replace"), memory)
     if sampler:
         run.memory["series"] = sampler.samples
@@ -482,8 +483,8 @@ def seaweedfs(startup_timeout: float = 60.0) -> Iterator[S3Server]:
            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={workdir / 's3.json'}",
            f"-s3.localSocket={workdir / 's3.sock'}", "-s3.autoCreateBucket=false", "-s3.iam=false",
            "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    log = open(workdir / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    with open(workdir / "weed.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", server.access_key, server.secret_key)
     saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_ENDPOINT_URL_S3")}
     try:
@@ -512,7 +513,6 @@ def seaweedfs(startup_timeout: float = 60.0) -> Iterator[S3Server]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        log.close()
         for name, port in (("master", master_grpc), ("volume", volume_grpc), ("s3", s3_grpc),
                            ("filer", filer_grpc)):
             Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock").unlink(missing_ok=True)
@@ -531,30 +531,104 @@ def upload_tree(server: S3Server, local: Path, bucket: str, prefix: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Steady-state throughput of an inference output, from its processed_at timestamps
+# The infer job's throughput, with and without its fixed start-up
 # ---------------------------------------------------------------------------------------------
 
-def output_timing(output_uri: str) -> dict:
-    """Rows, ok rows and steady-state rate of a ``jobs.infer`` output folder.
-
-    Every row carries ``processed_at`` (one timestamp per post-processing batch), so the rows
-    after the first batch divided by the time from the first to the last batch is the rate of
-    the whole pipeline once it runs — read, decode, model, post-process — without the start-up
-    (Ray workers importing torch, the model actor starting) that a short run cannot amortise.
-    """
+def count_ok_rows(output_uri: str) -> int:
+    """Rows with status "ok" in a ``jobs.infer`` output folder."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from unet import storage
 
     fs, path = storage.get_filesystem(output_uri)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "processed_at"])
-    ts = table.column("processed_at").cast("int64").to_numpy()  # microseconds
-    first, last = int(ts.min()), int(ts.max())
-    after_first = int((ts > first).sum())
-    span_s = (last - first) / 1e6
-    return {"rows": table.num_rows,
-            "ok": int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0),
-            "batches": int(len(np.unique(ts))), "first_to_last_s": round(span_s, 3),
-            "rows_after_first_batch": after_first,
-            "steady_images_per_s": after_first / span_s if span_s > 0 else float("nan")}
+    status = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status"]).column("status")
+    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+
+
+_TS = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+
+
+def _log_time(stamp: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def ray_data_timeline(driver_pid: int) -> dict | None:
+    """What Ray Data logged about the (last) Dataset a finished driver ran, or None if not found.
+
+    Ray writes ``<temp dir>/session_<date>_<driver pid>/logs/ray-data/ray-data-<dataset>.log``
+    with DEBUG detail: when execution started, when each operator's first task was submitted,
+    when it finished, and each operator's final metrics — among them ``function_body_time_s``,
+    the seconds spent inside the user function (for the model actor: the forward passes on
+    batches already in memory). This is Ray's log format, not an API: if it changes, the
+    benchmarks fall back to their other figures.
+    """
+    import ast
+    import glob
+
+    temp = os.environ.get("RAY_TMPDIR", "/tmp") + "/ray"
+    logs = sorted(glob.glob(f"{temp}/session_*_{driver_pid}/logs/ray-data/ray-data-*_*.log"), key=os.path.getmtime)
+    logs = [p for p in logs if not os.path.basename(p).startswith("ray-data-train")]
+    if not logs:
+        return None
+    text = Path(logs[-1]).read_text(errors="replace")
+    start = re.search(_TS + r".*Starting execution of Dataset", text)
+    end = re.search(_TS + r".*execution finished in ([\d.]+) seconds", text)
+    if not (start and end):
+        return None
+    operators = {}
+    for m in re.finditer(r"Operator \w+\[(.+?)\] completed\. Operator Metrics:\n(\{.*\})", text):
+        name, body = m.group(1), m.group(2)
+        metrics = {}
+        for key in ("function_body_time_s", "rows_task_outputs_generated", "num_tasks_finished",
+                    "task_completion_time_s", "block_transform_time_s"):
+            km = re.search(rf"'{key}': ([\d.eE+-]+|None)", body)
+            metrics[key] = None if not km or km.group(1) == "None" else ast.literal_eval(km.group(1))
+        first = re.search(_TS + rf".*Executing map task of operator {re.escape(name)} with task index 0\b", text)
+        metrics["first_task_t"] = round(_log_time(first.group(1)) - _log_time(start.group(1)), 3) if first else None
+        operators[name] = metrics
+    return {"log": logs[-1], "execution_s": float(end.group(2)),
+            "start": _log_time(start.group(1)), "end": _log_time(end.group(1)), "operators": operators}
+
+
+def measure_infer_job(job_args: Sequence[str], *, input_uri: str, n: int, output: str, workers: int,
+                      log_dir: Path) -> dict:
+    """Run ``jobs.infer`` over ``n`` images and take its rates apart (see ``ray_data_timeline``).
+
+    Returns, besides the job's summary:
+
+    * ``wall_images_per_s`` — n / the ``wall_s`` of the job's summary: all of ``run_inference``
+      (model load, listing, plan, pipeline, parts), not the interpreter start or ``ray.init``;
+    * ``startup_s`` — from the pipeline's start to the model actor's first batch: Ray starting
+      the actor's process (importing torch, unpickling the model), tens of seconds on a loaded
+      2-CPU machine and the same for any archive size;
+    * ``pipeline_images_per_s`` — n / (pipeline end - the model's first batch): the rate of the
+      whole pipeline (read, decode, model, post-processing, delivery to the driver) once the
+      model runs;
+    * ``actor_model_images_per_s`` — n x workers / the model actors' time inside ``Predictor``
+      (normalise + forward + sigmoid on a batch already in memory): the model-only rate measured
+      inside the job, at the same moment, under the same machine load;
+    * ``model_busy`` = pipeline rate / actor model rate: the fraction of the time the model was
+      working — 1.0 means the pipeline around it costs nothing.
+    """
+    run = run_job([*job_args, "--input", input_uri, "--output", output], log_dir=log_dir)
+    summary = run.last_json()
+    ok = count_ok_rows(output)
+    if ok != n or summary.get("rows_ok") != n:
+        raise RuntimeError(f"the job wrote {ok} ok rows for {n} images ({output}): {summary}")
+    out = {"images": n, "wall_s": summary["wall_s"], "process_wall_s": round(run.wall_s, 2), "summary": summary,
+           "wall_images_per_s": n / summary["wall_s"]}
+    timeline = ray_data_timeline(run.pid)
+    out["ray_data"] = timeline
+    predictor = (timeline or {}).get("operators", {}).get("MapBatches(Predictor)")
+    if predictor and predictor.get("first_task_t") is not None and predictor.get("function_body_time_s"):
+        span = timeline["end"] - timeline["start"] - predictor["first_task_t"]
+        out["startup_s"] = predictor["first_task_t"]
+        out["pipeline_s"] = round(span, 3)
+        out["pipeline_images_per_s"] = n / span
+        out["actor_model_s"] = predictor["function_body_time_s"]
+        out["actor_model_images_per_s"] = n * workers / predictor["function_body_time_s"]
+        out["model_busy"] = out["pipeline_images_per_s"] / out["actor_model_images_per_s"]
+    return out

@@ -37,11 +37,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
+    count_ok_rows,
     input_job_args,
     machine_info,
     make_artifact,
-    output_timing,
     ratio_line,
     run_job,
     say,
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.gpu:
                 job += ["--gpus-per-worker", "1"]
             run = run_job(job, sample_memory=True, log_dir=work / f"log-{n}")
-            timing = output_timing(str(out))
-            if timing["ok"] != n:
-                raise RuntimeError(f"the job wrote {timing['ok']} ok rows for {n} images")
+            ok = count_ok_rows(str(out))
+            if ok != n:
+                raise RuntimeError(f"the job wrote {ok} ok rows for {n} images ({out})")
             mem = run.memory
             rss_halves, pss_halves = _half_peaks(mem["series"], "rss_mib"), _half_peaks(mem["series"], "pss_mib")
             runs[n] = {"memory": mem, "wall_s": round(run.wall_s, 1), "summary": run.last_json(),

@@ -46,7 +46,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, job_env, machine_info, median, ratio_line, say, set_threads, write_result  # noqa: E402
+from bench.common import REPO, job_env, machine_info, median, ratio_line, say, set_threads, write_result
 
 GOAL = 1.0
 CHANNELS = (16, 32, 64, 128, 256)
@@ -121,7 +121,7 @@ def run_compile(args) -> dict:
            "--batch-size", str(args.batch_size), "--input-size", str(args.input_size), "--iters", str(args.iters),
            "--rounds", str(args.rounds)] + (["--gpu"] if args.gpu else [])
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=job_env(), capture_output=True, text=True,
                               timeout=args.compile_timeout)
     except subprocess.TimeoutExpired:
         return {"skipped": f"torch.compile did not finish within --compile-timeout {args.compile_timeout}s "

@@ -43,7 +43,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, median, ratio_line, run_job, say, set_threads, write_result  # noqa: E402
+from bench.common import machine_info, median, ratio_line, run_job, say, set_threads, write_result
 
 GOAL = 0.85
 

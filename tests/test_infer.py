@@ -371,6 +371,14 @@ def test_cli_help_lists_the_flags():
         assert flag in out.stdout
 
 
+def test_cli_bad_arguments_exit_2_with_one_line(capsys):
+    from jobs.infer import main
+    from unet.cli import run_main
+
+    code = run_main(main, ["--model", "m", "--input", "i", "--output", "o", "--chunk-size", "0"])
+    assert code == 2 and "chunk_size must be a positive integer" in capsys.readouterr().err
+
+
 # =============================================================================================
 # The pipeline on a local Ray
 # =============================================================================================

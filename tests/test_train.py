@@ -1,15 +1,15 @@
-"""Distributed training (unet.train, jobs.train) on a real local Ray, with tiny phantom shards.
+"""Distributed training (unet.train, jobs.train) on a real Ray, with tiny phantom shards.
 
 Fast tests check the config, CLI precedence, the resource planner and the LR schedule. Slow tests
-start Ray: 2 CPU workers train and export; a rerun only re-exports; a worker killed mid-run
-resumes from the last checkpoint; checkpoints go to the S3 test server; 2-rank validation counts
-equal single-process counts; two simulated nodes get one worker each; a cluster too small for
-the request fails at once with one line.
+share one simulated two-node cluster (``ray.cluster_utils.Cluster``) to keep start-up costs down:
+2 CPU workers (one per node) train, checkpoint and export; a rerun only re-exports; a worker
+killed mid-run resumes from the last checkpoint, with checkpoints on the S3 test server; 2-rank
+validation counts equal single-process counts. A cluster too small for the request fails at once
+with one line (its own 1-CPU local Ray, in a subprocess).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -178,42 +178,45 @@ def _config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def _ray_module():
-    import ray
+def two_node_cluster():
+    """A simulated two-node Ray cluster shared by this module's slow tests (one start, ~20 s).
 
-    yield
+    Head 2 CPUs, second node 1 CPU. With one worker per node (STRICT_SPREAD) the planner gives each
+    worker 1 CPU and the head keeps a whole CPU for Ray Data (two 1-CPU nodes would be refused: see
+    test_plan_refuses_what_the_cluster_cannot_hold).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
-
-
-@pytest.fixture
-def local_ray(_ray_module):
-    """A private 2-CPU local Ray shared by the tests of this module that need no special cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(**local_ray_options(2))
-    yield
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env=local_ray_options()["runtime_env"])
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
-def trained_run(phantom_data, tmp_path_factory, _ray_module):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(**local_ray_options(2))
-    cfg = _config(phantom_data, str(tmp_path_factory.mktemp("runs")), "two-workers", epochs=3)
+def trained_run(two_node_cluster, phantom_data, tmp_path_factory):
+    """2 workers, one per node, train 2 epochs; shared by the tests that inspect the result."""
+    cfg = _config(phantom_data, str(tmp_path_factory.mktemp("runs")), "two-workers",
+                  placement_strategy="STRICT_SPREAD")
     t0 = time.perf_counter()
     outcome = fit(cfg, command="pytest two-workers")
     return cfg, outcome, time.perf_counter() - t0
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_train_checkpoint_and_export(trained_run, phantom_data):
+def test_two_workers_train_checkpoint_and_export(trained_run, phantom_data):
     from unet.artifact import load_artifact
 
     cfg, outcome, _ = trained_run
-    assert outcome.trained and outcome.plan.cpus_per_worker == 0.5
-    assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
+    assert outcome.trained and outcome.plan.cpus_per_worker == 1.0  # (3 CPU - 1 for Ray Data) / 2
+    assert [r["epoch"] for r in outcome.history] == [1, 2]
     for record in outcome.history:
         assert np.isfinite(record["train_loss"]) and 0.0 <= record["val_dice"] <= 1.0
         assert record["train_images"] == 12         # the whole train split, both ranks together
@@ -222,19 +225,20 @@ def test_two_cpu_workers_train_checkpoint_and_export(trained_run, phantom_data):
     kept = sorted(p.name for p in run_dir.glob("epoch-*"))
     # keep=1: the best by val_dice, plus the latest which Ray always keeps.
     best = max(outcome.history, key=lambda r: (r["val_dice"], r["epoch"]))["epoch"]
-    assert kept == sorted({f"epoch-{best:04d}", "epoch-0003"})
+    assert kept == sorted({f"epoch-{best:04d}", "epoch-0002"})
     assert outcome.best_epoch == best
-    state = torch.load(run_dir / "epoch-0003" / CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(run_dir / "epoch-0002" / CHECKPOINT_FILE, weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "config", "history"} <= set(state)
-    assert state["epoch"] == 3 and state["config"]["name"] == cfg.name
-    assert state["scheduler"]["last_epoch"] == 3
+    assert state["epoch"] == 2 and state["config"]["name"] == cfg.name
+    assert state["scheduler"]["last_epoch"] == 2 and len(state["history"]) == 2
 
     loaded = load_artifact(outcome.artifact)
     assert outcome.artifact == str(run_dir / "model")
     prov = loaded.config["provenance"]
     assert loaded.config["architecture"] == "unet" and loaded.config["input_size"] == [32, 32]
-    assert prov["best_epoch"] == best and len(prov["history"]) == 3
+    assert prov["best_epoch"] == best and len(prov["history"]) == 2
     assert prov["data"] == phantom_data and prov["data_manifest_sha256"]
+    assert prov["command"] == "pytest two-workers" and prov["config"]["epochs"] == 2
     assert prov["hardware"]["workers"] == 2 and prov["versions"]["ray"]
     best_state = torch.load(run_dir / f"epoch-{best:04d}" / CHECKPOINT_FILE, weights_only=True)
     for key, value in loaded.model.state_dict().items():
@@ -243,13 +247,27 @@ def test_two_cpu_workers_train_checkpoint_and_export(trained_run, phantom_data):
 
 
 @pytest.mark.slow
+def test_two_node_cluster_puts_one_worker_per_node(trained_run):
+    import ray
+    from ray.train import Result
+
+    cfg, _, _ = trained_run
+    node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(node_ids) == 2
+    metrics = Result.from_path(cfg.run_uri).metrics   # what rank 0 reported last
+    assert metrics["world_size"] == 2
+    assert sorted(metrics["worker_nodes"]) == sorted(node_ids)  # one worker on each node
+
+
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_only_reexports(trained_run):
     cfg, first, first_seconds = trained_run
-    mtime = (Path(cfg.storage) / cfg.name / "epoch-0003" / CHECKPOINT_FILE).stat().st_mtime
+    latest = Path(cfg.storage) / cfg.name / "epoch-0002" / CHECKPOINT_FILE
+    mtime = latest.stat().st_mtime
     again = fit(cfg, command="pytest two-workers again")
     assert not again.trained and again.best_epoch == first.best_epoch
-    assert [r["epoch"] for r in again.history] == [1, 2, 3]
-    assert (Path(cfg.storage) / cfg.name / "epoch-0003" / CHECKPOINT_FILE).stat().st_mtime == mtime
+    assert [r["epoch"] for r in again.history] == [1, 2]
+    assert latest.stat().st_mtime == mtime            # nothing was trained or checkpointed
     assert again.seconds < min(30.0, first_seconds)
     # A different experiment under the same name is refused instead of silently mixed in.
     with pytest.raises(UsageError, match="exists .* with different settings"):
@@ -257,28 +275,25 @@ def test_rerun_of_a_finished_run_only_reexports(trained_run):
 
 
 @pytest.mark.slow
-def test_worker_crash_resumes_from_last_checkpoint(local_ray, phantom_data, tmp_path):
+def test_worker_crash_resumes_from_last_checkpoint_on_s3(two_node_cluster, phantom_data, s3_env, tmp_path):
+    """Checkpoints on the S3 test server; rank 1 dies at the end of epoch 2 (first attempt only);
+    the group restarts from epoch 1's checkpoint, read back from S3, and finishes."""
+    from unet.artifact import load_artifact
+
     marker = tmp_path / "crashed-once"
-    cfg = _config(phantom_data, str(tmp_path / "runs"), "crash", epochs=3, crash_at_epoch=2,
-                  crash_rank=1, crash_marker=str(marker), max_failures=1)
+    cfg = _config(phantom_data, f"{s3_env}/runs", "crash", crash_at_epoch=2, crash_rank=1,
+                  crash_marker=str(marker), max_failures=1)
     outcome = fit(cfg)
     assert marker.exists(), "the fault drill did not fire"
     assert outcome.trained
     assert outcome.start_epoch == 2          # restarted after epoch 1's checkpoint, not from scratch
-    assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
+    assert [r["epoch"] for r in outcome.history] == [1, 2]
 
-
-@pytest.mark.slow
-def test_checkpoints_and_artifact_on_s3(local_ray, phantom_data, s3_env):
-    from unet.artifact import load_artifact
-
-    cfg = _config(phantom_data, f"{s3_env}/runs", "on-s3", epochs=1)
-    outcome = fit(cfg)
-    files = [u.rsplit("/on-s3/", 1)[1] for u in storage.iter_files(cfg.run_uri)]
+    files = [u.rsplit("/crash/", 1)[1] for u in storage.iter_files(cfg.run_uri)]
     assert "checkpoint_manager_snapshot.json" in files
-    assert f"epoch-0001/{CHECKPOINT_FILE}" in files and "model/model.safetensors" in files
-    assert outcome.artifact == f"{s3_env}/runs/on-s3/model"
-    assert load_artifact(outcome.artifact).config["provenance"]["epochs"] == 1
+    assert f"epoch-0002/{CHECKPOINT_FILE}" in files and "model/model.safetensors" in files
+    assert outcome.artifact == f"{s3_env}/runs/crash/model"
+    assert load_artifact(outcome.artifact).config["provenance"]["epochs"] == 2
 
 
 def _validate_only_loop(config):
@@ -308,7 +323,7 @@ def _validate_only_loop(config):
 
 
 @pytest.mark.slow
-def test_two_rank_validation_equals_single_process(local_ray, phantom_data, tmp_path):
+def test_two_rank_validation_equals_single_process(two_node_cluster, phantom_data, tmp_path):
     import ray.cloudpickle
 
     from unet.data import collate_torch, iter_batches, read_split
@@ -336,7 +351,7 @@ def test_two_rank_validation_equals_single_process(local_ray, phantom_data, tmp_
 
     # Two ranks: the training job's trainer setup (unequal val split) and validate().
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = _config(phantom_data, str(tmp_path / "runs"), "validate-only")
+    cfg = _config(phantom_data, str(tmp_path / "runs"), "validate-only", placement_strategy="STRICT_SPREAD")
     plan = plan_resources(cfg, ray.cluster_resources())
     trainer = build_trainer(cfg, plan, {"val": read_split(phantom_data, "val", size=(32, 32))},
                             train_loop=_validate_only_loop, loop_config={"weights": str(weights)})
@@ -356,42 +371,8 @@ def test_two_rank_validation_equals_single_process(local_ray, phantom_data, tmp_
 
 
 @pytest.mark.slow
-def test_two_node_cluster_puts_one_worker_per_node(phantom_data, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # this test needs its own (two-node) cluster
-    # Head 2 CPUs, second node 1 CPU: one worker (1 CPU) per node leaves the head a whole CPU for
-    # Ray Data (two 1-CPU nodes would be refused: see test_plan_refuses_what_the_cluster_cannot_hold).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        options = local_ray_options()
-        ray.init(address=cluster.address, runtime_env=options["runtime_env"])
-        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert len(node_ids) == 2
-        cfg = _config(phantom_data, str(tmp_path / "runs"), "two-nodes", epochs=1,
-                      placement_strategy="STRICT_SPREAD")
-        outcome = fit(cfg)
-        assert outcome.plan.cpus_per_worker == 1.0  # (3 CPU - 1 for Ray Data) / 2 workers
-        from ray.train import Result
-
-        metrics = Result.from_path(str(tmp_path / "runs" / "two-nodes")).metrics
-        assert metrics["world_size"] == 2
-        assert set(metrics["worker_nodes"]) == node_ids  # one worker on each node
-        assert outcome.history[0]["val_images"] == 12
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-@pytest.mark.slow
 def test_cluster_too_small_fails_fast_with_one_line(phantom_data, tmp_path):
     """2 workers x 1 CPU + 1 CPU for Ray Data on a 1-CPU Ray: refused before any worker starts."""
-    import ray
-
-    ray.shutdown()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     proc = subprocess.run(

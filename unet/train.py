@@ -681,7 +681,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
         y = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(cfg, device):
-            loss = loss_fn(model(x), y)
+            out = model(x)
+        # The loss in float32: soft Dice sums over whole images, which bf16/fp16 would round badly.
+        loss = loss_fn([o.float() for o in out] if isinstance(out, (list, tuple)) else out.float(), y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (batch ids {list(batch['id'])[:4]}...); "
                                      "lower --lr or use --amp none")

@@ -13,7 +13,8 @@ Inputs (local paths or ``s3://`` URIs; a folder/prefix is walked recursively, a 
 Output: Parquet files ``<output>/part-<sha1>.parquet``, exactly one row per input, always::
 
     column           type                    meaning
-    image_id         string                  see above; unique per input
+    image_id         string                  see above (a tar holding two members of one name gives
+                                             two rows with that id: the second is an error row)
     source_uri       string                  where the image came from: file URI, "<tar URI>#<member>"
                                              or "<parquet URI>#row=<n>"
     status           string                  "ok" or "error"
@@ -32,7 +33,10 @@ Output: Parquet files ``<output>/part-<sha1>.parquet``, exactly one row per inpu
 
 Read it with ``pandas.read_parquet(output)``, ``duckdb.sql("select * from '<output>/*.parquet'")``
 or ``pyarrow.dataset.dataset(output)``; files and folders starting with ``_`` are bookkeeping
-(``_tmp/`` while running, ``_runs/`` run records) and those readers skip them.
+(``_tmp/`` while running, ``_runs/`` one JSON record per run) and those readers skip them. pandas
+turns the nullable integer columns into floats unless given ``dtype_backend="pyarrow"``.
+Files matching ``exclude`` globs, and the output folder itself when it lies inside the input,
+are not inputs.
 
 What happens to a pixel: decode with PIL, apply EXIF orientation, convert to 8-bit grey (see
 :func:`to_gray_uint8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
