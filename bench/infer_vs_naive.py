@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="model actors of the job (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=0.75,
-                   help="CPUs per actor (default 0.75: 2 actors + reading fit on 2 CPUs; 1 torch thread each)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs; 1 torch thread each)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
     p.add_argument("--naive-threads", type=int, default=None,
                    help="torch threads of the naive loop (default: workers x int(cpus_per_worker), "
