@@ -28,11 +28,11 @@ from PIL import Image
 
 from unet import inference as inf
 from unet import storage
+from unet.artifact import load_artifact, save_artifact
 from unet.inference.model import CRASH_ENV
 from unet.inference.output import PIPELINE_SCHEMA, PartAssembler
 from unet.inference.plan import Chunk, DoneIndex, PlanWriter, plan_inputs, subtract_ranges
 from unet.inference.read import read_and_decode
-from unet.artifact import load_artifact, save_artifact
 from unet.models import build_model
 from unet.phantoms import generate
 from unet.transforms import preprocess, resize_probability
@@ -511,10 +511,12 @@ def test_incremental_runs_process_only_new_inputs_and_complete_interrupted_ones(
     df = read_output(str(out))
     assert len(df) == 14 and df["image_id"].is_unique
 
-    # A full rerun re-plans everything, overwrites and removes parts of the old layout: still once.
-    summary = inf.run_inference(config(model_dir, root, out))
+    # A full rerun with another chunk size re-plans everything and first removes the parts of the
+    # old layout, so every input is still there exactly once.
+    summary = inf.run_inference(config(model_dir, root, out, chunk_size=5))
     df = read_output(str(out))
-    assert len(df) == 14 and df["image_id"].is_unique and summary.parts_deleted >= 1
+    assert len(df) == 14 and df["image_id"].is_unique
+    assert summary.parts_deleted >= 1 and len(part_files(out)) == summary.parts_written == 3 + 1
     assert len(list((out / "_runs").glob("run-*.json"))) == 3
 
 
