@@ -1,28 +1,31 @@
 """Train a UNet-family model on prepared shards with Ray Train (DDP), checkpoint, export the best.
 
-    python -m jobs.train --smoke-test                                   # seconds: phantoms, 2 workers
+    python -m jobs.train --smoke-test                  # ~1-3 min on 2 CPUs: phantoms, 32 px, 2 workers
     python -m jobs.train --config configs/phantoms.yaml
     python -m jobs.train --config configs/busi.yaml --data runs/busi_prepared --workers 2
     python -m jobs.train --config configs/busi.yaml --set model_kwargs.dropout=0.1 --epochs 80
     python -m jobs.train --data s3://bucket/busi-prepared --storage s3://bucket/runs --name busi-unet \\
         --use-gpu --workers 4 --image-size 256 --amp bf16
-    ray job submit --working-dir . -- python -m jobs.train --config configs/busi.yaml --workers 2-8
+    ray job submit --working-dir . -- python -m jobs.train --config configs/busi.yaml --workers 2-8 \
+        --data s3://bucket/busi-prepared --storage s3://bucket/runs
 
 Settings come from, later ones winning: the defaults (``unet.train.TrainConfig``), ``--config``
 (YAML or TOML, keys = the long flag names with ``_`` or ``-``), the flags, then ``--set key=value``
 (value parsed as YAML; ``model_kwargs.channels=[16,32,64]`` sets one key of a mapping).
 ``--print-config`` shows the result and exits.
 
-The run lives in ``<storage>/<name>`` (checkpoints: the best ``--keep`` by validation Dice and the
-latest). Re-running the same command resumes an interrupted run from its latest checkpoint and
-only re-exports a finished one. The best checkpoint is exported as a model artifact (config.json +
-model.safetensors) to ``--export`` (default ``<storage>/<name>/model``); its location is the last
-line printed.
+The run lives in ``<storage>/<name>`` (checkpoints: the best ``--keep`` by ``--monitor``, default
+the validation Dice, and the latest). Re-running the same command resumes an interrupted run from
+its latest checkpoint and only re-exports a finished one. The best checkpoint is exported as a
+model artifact (config.json + model.safetensors) to ``--export`` (default
+``<storage>/<name>/model``); its location is the last line printed.
 
 Ray: joins ``--address`` (``auto``: the ``ray start`` cluster of this machine) or ``$RAY_ADDRESS``
-(as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all CPUs). Workers get a planned share of CPUs so Ray Data keeps
-``--data-cpus`` for decoding; a request the cluster cannot hold fails at once with one line
-(exit code 2). S3 endpoint and credentials come from the AWS_* environment variables.
+(as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all
+CPUs). Workers get a planned share of CPUs so Ray Data keeps ``--data-cpus`` for decoding; a
+request the cluster cannot hold fails at once with one line (exit code 2). On more than one node,
+``--storage`` must be shared by all of them (``s3://``, NFS). S3 endpoint and credentials come from
+the AWS_* environment variables (the file system object carries them to the workers).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("storage", dict(metavar="URI", help="where runs live: local dir or s3://bucket/prefix")),
     ("name", dict(help="run name; the run is <storage>/<name> (default: the model name)")),
     ("export", dict(metavar="URI", help="model artifact destination (default <storage>/<name>/model)")),
-    ("keep", dict(type=int, help="best checkpoints kept by validation Dice (plus the latest)")),
+    ("keep", dict(type=int, help="best checkpoints kept by --monitor (plus the latest)")),
+    ("monitor", dict(choices=("val_dice", "val_dice_per_image", "val_iou", "val_iou_per_image"),
+                     help="validation score that picks the best checkpoint (val_dice: summed counts)")),
     ("max-failures", dict(type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")),
     ("address", dict(help="Ray cluster to join, or 'auto' for this machine's `ray start` cluster "
                         "(default: $RAY_ADDRESS, else a private local Ray)")),

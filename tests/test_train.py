@@ -2,7 +2,8 @@
 
 Fast tests check the config, CLI precedence, the resource planner and the LR schedule. Slow tests
 share one simulated two-node cluster (``ray.cluster_utils.Cluster``) to keep start-up costs down:
-2 CPU workers (one per node) train, checkpoint and export; a rerun only re-exports; a worker
+2 CPU workers (one per node) train, checkpoint and export; a rerun only re-exports, or resumes
+from storage when more epochs are asked for; a worker
 killed mid-run resumes from the last checkpoint, with checkpoints on the S3 test server; 2-rank
 validation counts equal a single process scoring the exported model. A cluster too small for the request fails at once
 with one line (its own 1-CPU local Ray, in a subprocess).
@@ -27,7 +28,6 @@ from unet.train import (
     CHECKPOINT_FILE,
     TrainConfig,
     fit,
-    load_checkpoint_state,
     local_ray_options,
     lr_factor,
     parse_workers,
@@ -236,6 +236,7 @@ def test_two_workers_train_checkpoint_and_export(trained_run, phantom_data):
     assert outcome.artifact == str(run_dir / "model")
     prov = loaded.config["provenance"]
     assert loaded.config["architecture"] == "unet" and loaded.config["input_size"] == [32, 32]
+    assert loaded.model_id.startswith("two-workers-")             # the run name prefixes the id
     assert prov["best_epoch"] == best and len(prov["history"]) == 2
     assert prov["data"] == phantom_data and prov["data_manifest_sha256"]
     assert prov["command"] == "pytest two-workers" and prov["config"]["epochs"] == 2
@@ -272,6 +273,23 @@ def test_rerun_of_a_finished_run_only_reexports(trained_run):
     # A different experiment under the same name is refused instead of silently mixed in.
     with pytest.raises(UsageError, match="exists .* with different settings"):
         fit(TrainConfig.from_dict({**cfg.to_dict(), "model": "attention_unet"}, source="test"))
+
+
+@pytest.mark.slow
+def test_rerun_of_an_unfinished_run_resumes_from_storage(trained_run, tmp_path):
+    """Ray Train V2 restores a run from storage/name: a copy of the finished 2-epoch run, asked for
+    3 epochs, trains only epoch 3, starting from the stored optimiser/scheduler state."""
+    import shutil
+
+    cfg, first, _ = trained_run
+    shutil.copytree(Path(cfg.storage) / cfg.name, tmp_path / cfg.name)  # run dirs are relocatable
+    more = TrainConfig.from_dict({**cfg.to_dict(), "storage": str(tmp_path), "epochs": 3}, source="test")
+    outcome = fit(more)
+    assert outcome.trained and outcome.start_epoch == 3
+    assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
+    assert outcome.history[:2] == first.history          # the first two epochs were not redone
+    state = torch.load(tmp_path / cfg.name / "epoch-0003" / CHECKPOINT_FILE, weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 3
 
 
 @pytest.mark.slow

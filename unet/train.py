@@ -18,13 +18,14 @@ The pieces, in the order a reader meets them in a run:
    :func:`validate` (TP/FP/FN counts on every rank, one ``all_reduce``, scores computed once),
    a rank-0 log line (:func:`log_epoch`) and ``ray.train.report`` with a checkpoint.
 5. :func:`fit` — the driver: connect to or start Ray, plan resources, resume or skip a finished
-   run, ``TorchTrainer.fit()``, and export the best checkpoint (by validation Dice) as a model
-   artifact (``unet.artifact.save_artifact``) with the run's provenance and training history.
+   run, ``TorchTrainer.fit()``, and export the best checkpoint (by ``monitor``, default the
+   validation Dice) as a model artifact (``unet.artifact.save_artifact``) with the run's
+   provenance and training history.
 
 Checkpoints live in ``<storage>/<name>/`` (local or ``s3://``; Ray writes through the pyarrow file
 system from :func:`unet.storage.get_filesystem`). Ray keeps the best ``keep`` checkpoints by
-``val_dice`` and always the latest one too (its checkpoint manager never deletes the latest), so a
-crash resumes from the last epoch, not the best. Running the same command again (same storage and
+``monitor`` (``val_dice``) and always the latest one too (its checkpoint manager never deletes the
+latest), so a crash resumes from the last epoch, not the best. Running the same command again (same storage and
 name) finds Ray's ``checkpoint_manager_snapshot.json`` there: an unfinished run continues from its
 latest checkpoint; a finished one is not trained again — the best checkpoint is re-exported.
 
@@ -106,6 +107,7 @@ LOSS_NAMES = ("dice", "bce", "dice_bce")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+MONITORS = ("val_dice", "val_dice_per_image", "val_iou", "val_iou_per_image")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 # --smoke-test: tiny everything, so the whole distributed path runs in well under a minute.
@@ -184,7 +186,10 @@ class TrainConfig:
         storage: where runs live (local dir or ``s3://bucket/prefix``); ``name``: the run
             (default ``<model>``, or ``smoke-<model>``); the run directory is storage/name.
         export: artifact destination (default storage/name/model).
-        keep: best checkpoints kept (by val_dice; the latest is kept as well).
+        keep: best checkpoints kept (by ``monitor``; the latest is kept as well).
+        monitor: the validation score that picks the best checkpoint: ``val_dice`` (Dice of the
+            counts summed over the split, default), ``val_dice_per_image`` (mean of per-image Dice;
+            an empty prediction on a normal image scores 1), ``val_iou``, ``val_iou_per_image``.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         smoke_test: tiny images/model/epochs, phantom data when ``data`` is not given.
     Fault drills (used by the tests): with ``crash_at_epoch`` set, rank ``crash_rank`` kills its
@@ -224,6 +229,7 @@ class TrainConfig:
     name: str | None = None
     export: str | None = None
     keep: int = 2
+    monitor: str = "val_dice"
     max_failures: int = 2
     smoke_test: bool = False
     crash_at_epoch: int | None = None
@@ -303,6 +309,7 @@ class TrainConfig:
         choice("optimizer", OPTIMIZERS)
         choice("schedule", SCHEDULES)
         choice("amp", AMP_MODES)
+        choice("monitor", MONITORS, lower=False)
         c.placement_strategy = str(c.placement_strategy).upper()
         choice("placement_strategy", PLACEMENT_STRATEGIES, lower=False)
         for name in ("model_kwargs", "loss_kwargs"):
@@ -467,7 +474,7 @@ def _place_workers(plan: ResourcePlan, nodes: list[dict], strategy: str) -> list
     def fits(i: int) -> bool:
         return cpu[i] >= plan.cpus_per_worker - 1e-9 and gpu[i] >= plan.gpus_per_worker - 1e-9
 
-    for w in range(plan.min_workers):
+    for _ in range(plan.min_workers):
         if "SPREAD" in strategy:
             # Next node round-robin that still fits; STRICT_SPREAD never reuses a node.
             candidates = [i for i in order if fits(i) and (i not in used_nodes or strategy == "SPREAD")]
@@ -606,7 +613,7 @@ def make_smoke_data(cfg: TrainConfig) -> str:
 
     out = storage.join(cfg.run_uri, "smoke-data")
     if not storage.exists(storage.join(out, "manifest.json")):
-        # Small shards, so that the val split has several blocks to spread over the ranks.
+        # Small shards: several blocks per split, so both ranks get some of the val split.
         prepare(PrepareConfig(source="phantoms", out=out, num=SMOKE_PHANTOMS, seed=cfg.seed,
                               size=(64, 64), shard_size=4), command="unet.train --smoke-test")
     return out
@@ -684,8 +691,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
             out = model(x)
         # The loss in float32: soft Dice sums over whole images, which bf16/fp16 would round badly.
         loss = loss_fn([o.float() for o in out] if isinstance(out, (list, tuple)) else out.float(), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (batch ids {list(batch['id'])[:4]}...); "
+        value = float(loss.detach())  # the one host sync per step
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} (batch ids {list(batch['id'])[:4]}...); "
                                      "lower --lr or use --amp none")
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -694,7 +702,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
         else:
             loss.backward()
             optimizer.step()
-        loss_sum += float(loss.detach()) * x.shape[0]
+        loss_sum += value * x.shape[0]
         images += x.shape[0]
     return loss_sum, images
 
@@ -807,8 +815,10 @@ def scores(accs: Mapping[str, MetricAccumulator]) -> dict[str, Any]:
 def log_epoch(record: Mapping[str, Any], epochs: int) -> None:
     """The one per-epoch log line (call on rank 0 only)."""
     logger.info(
-        "epoch %d/%d  loss %.4f  val_dice %.4f  val_iou %.4f  lr %.2e  %.1f img/s  epoch %.1fs  elapsed %.1fs",
-        record["epoch"], epochs, record["train_loss"], record["val_dice"], record["val_iou"],
+        "epoch %d/%d  loss %.4f  val_dice %.4f (per image %.4f)  val_iou %.4f  lr %.2e  %.1f img/s  "
+        "epoch %.1fs  elapsed %.1fs",
+        record["epoch"], epochs, record["train_loss"], record["val_dice"], record["val_dice_per_image"],
+        record["val_iou"],
         record["lr"], record["images_per_s"], record["epoch_s"], record["elapsed_s"])
 
 
@@ -1044,7 +1054,7 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, A
         name=cfg.name,
         storage_path=path,
         storage_filesystem=fs if storage.is_s3(cfg.storage) else None,
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, checkpoint_score_attribute="val_dice",
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, checkpoint_score_attribute=cfg.monitor,
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
     )
@@ -1096,12 +1106,12 @@ def _check_same_run(cfg: TrainConfig, saved: Mapping[str, Any], where: str) -> N
                          "settings to resume it")
 
 
-def _best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and "val_dice" in m]
+def _best_checkpoint(result, monitor: str) -> tuple[Any, dict[str, Any]]:
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and monitor in m]
     if not candidates:
-        raise RuntimeError(f"run {result.path} has no checkpoint with val_dice to export")
-    # Highest Dice; on a tie the later epoch (it trained longer on the same score).
-    return max(candidates, key=lambda cm: (cm[1]["val_dice"], cm[1]["epoch"]))
+        raise RuntimeError(f"run {result.path} has no checkpoint with {monitor} to export")
+    # Highest score; on a tie the later epoch (it trained longer for the same score).
+    return max(candidates, key=lambda cm: (cm[1][monitor], cm[1]["epoch"]))
 
 
 def export_best(cfg: TrainConfig, result, *, command: str | None = None,
@@ -1115,7 +1125,7 @@ def export_best(cfg: TrainConfig, result, *, command: str | None = None,
     from unet.artifact import save_artifact
     from unet.evaluation import manifest_sha256
 
-    best_ckpt, best_metrics = _best_checkpoint(result)
+    best_ckpt, best_metrics = _best_checkpoint(result, cfg.monitor)
     best = load_checkpoint_state(best_ckpt)
     latest = load_checkpoint_state(result.checkpoint) if result.checkpoint is not None else best
     model = build_model(cfg.model, **cfg.model_kwargs)
@@ -1142,7 +1152,7 @@ def export_best(cfg: TrainConfig, result, *, command: str | None = None,
     uri = save_artifact(model, cfg.export_uri, architecture=cfg.model, model_kwargs=model.model_kwargs(),
                         input_size=tuple(cfg.image_size),
                         normalization={"mean": DEFAULT_MEAN, "std": DEFAULT_STD}, threshold=0.5,
-                        provenance=provenance)
+                        provenance=provenance, name=cfg.name)  # model_id = "<run name>-<sha12>"
     return uri, int(best["epoch"]), best_metrics, history
 
 
