@@ -275,7 +275,8 @@ def model_only_throughput(model, x: np.ndarray, *, batch_size: int, mean: float,
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"images": len(x), "seconds": round(seconds, 3), "images_per_s": len(x) / seconds}
+    return {"images": len(x), "seconds": round(seconds, 3), "images_per_s": len(x) / seconds,
+            "loadavg_1m": round(os.getloadavg()[0], 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +374,7 @@ class JobRun:
     stdout: str
     stderr: str
     memory: dict | None
+    loadavg_1m: float = float("nan")  # at the end of the run
 
     def last_json(self) -> dict:
         """The last stdout line that parses as a JSON object (jobs.infer prints its summary last)."""
@@ -409,7 +411,7 @@ def run_job(args: Sequence[str], *, sample_memory: bool = False, timeout: float 
         finally:
             memory = sampler.stop() if sampler else None
     run = JobRun(proc.pid, rc, time.perf_counter() - t0, out_path.read_text(errors="replace"),
-                 err_path.read_text(errors="replace"), memory)
+                 err_path.read_text(errors="replace"), memory, round(os.getloadavg()[0], 1))
     if sampler:
         run.memory["series"] = sampler.samples
     if rc != 0:
@@ -619,7 +621,7 @@ def measure_infer_job(job_args: Sequence[str], *, input_uri: str, n: int, output
     if ok != n or summary.get("rows_ok") != n:
         raise RuntimeError(f"the job wrote {ok} ok rows for {n} images ({output}): {summary}")
     out = {"images": n, "wall_s": summary["wall_s"], "process_wall_s": round(run.wall_s, 2), "summary": summary,
-           "wall_images_per_s": n / summary["wall_s"]}
+           "wall_images_per_s": n / summary["wall_s"], "loadavg_1m_at_end": run.loadavg_1m}
     timeline = ray_data_timeline(run.pid)
     out["ray_data"] = timeline
     predictor = (timeline or {}).get("operators", {}).get("MapBatches(Predictor)")

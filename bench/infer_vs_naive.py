@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def naive_loop(kind: str, input_path: Path, out_file: Path, model, *, input_size
     seconds = time.perf_counter() - t0
     n = len(rows["image_id"])
     return {"images": n, "seconds": round(seconds, 3), "images_per_s": n / seconds,
-            "ms_per_image": {k.removesuffix("_s"): round(1000 * v / n, 2) for k, v in parts.items()}}
+            "loadavg_1m": round(os.getloadavg()[0], 1), "ms_per_image": {k.removesuffix("_s"): round(1000 * v / n, 2) for k, v in parts.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
     p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="model actors of the job (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5,
-                   help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs; 1 torch thread each)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="model actors of the job (default 2; 1 with --gpu: one GPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs, 1 torch thread each; "
+                        "1 with --gpu)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
     p.add_argument("--naive-threads", type=int, default=None,
                    help="torch threads of the naive loop (default: workers x int(cpus_per_worker), "
@@ -152,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.workers is None:
+        args.workers = 1 if args.gpu else 2
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = 1.0 if args.gpu else 0.5
     from unet.artifact import load_artifact
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-naive-"))
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                            batch_size=args.batch_size, model_id=loaded.model_id, device=device)
             if r["images"] != args.n:
                 raise RuntimeError(f"naive loop saw {r['images']} images, expected {args.n}")
-            say(f"naive loop ({tag}): {r['images_per_s']:.1f} images/s ({r['seconds']:.1f}s); ms per image: "
+            say(f"naive loop ({tag}): {r['images_per_s']:.1f} images/s ({r['seconds']:.1f}s, load {r['loadavg_1m']}); "
+                "ms per image: "
                 + ", ".join(f"{k} {v}" for k, v in r["ms_per_image"].items()))
             return r
 

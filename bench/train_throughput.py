@@ -24,7 +24,7 @@ the cores do in a plain loop.
 Run (3-5 minutes on 2 shared CPUs)::
 
     .venv/bin/python -m bench.train_throughput                  # 64 phantoms, 3 epochs, 2 workers
-    .venv/bin/python -m bench.train_throughput --gpu --workers 1 --image-size 256 --num 400
+    .venv/bin/python -m bench.train_throughput --gpu --image-size 256 --num 400 --batch-size 32
 
 Writes bench/results/train_throughput.json; the last line printed is the ratio.
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -83,7 +84,7 @@ def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         records.append({"epoch": epoch, "images": images, "seconds": round(seconds, 3),
-                        "images_per_s": images / seconds})
+                        "images_per_s": images / seconds, "loadavg_1m": round(os.getloadavg()[0], 1)})
     return records
 
 
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="side of the prepared phantoms (default 256)")
     p.add_argument("--image-size", type=int, default=128, help="training size (default 128)")
     p.add_argument("--epochs", type=int, default=3, help="epochs on each side; the first is a warm-up")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2; 1 with --gpu)")
     p.add_argument("--batch-size", type=int, default=8, help="per worker (default 8)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs for the job's local Ray and the plain loop's threads (default: all)")
@@ -117,8 +118,8 @@ def _job_history(run_dir: Path, stdout: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    import os
-
+    if args.workers is None:
+        args.workers = 1 if args.gpu else 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine_info()
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         def plain(tag):
             recs = plain_loop(data, epochs=args.epochs, batch_size=global_batch, image_size=args.image_size,
                               seed=0, device=device, amp=args.amp)
-            say(f"plain loop ({tag}): " + ", ".join(f"{r['images_per_s']:.2f}" for r in recs) + " images/s per epoch")
+            say(f"plain loop ({tag}): " + ", ".join(f"{r['images_per_s']:.2f}" for r in recs)
+                + f" images/s per epoch (load {recs[-1]['loadavg_1m']})")
             return recs
 
         before = plain("before")
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                                f"stdout tail:\n{run.stdout[-2000:]}")
         job_rates = [float(h["images_per_s"]) for h in history]
         say("jobs.train:        " + ", ".join(f"{r:.2f}" for r in job_rates) + " images/s per epoch "
-            f"(process wall {run.wall_s:.0f}s)")
+            f"(process wall {run.wall_s:.0f}s, load {run.loadavg_1m})")
         after = plain("after")
 
         later = slice(1, None) if args.epochs > 1 else slice(None)
