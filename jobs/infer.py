@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from unet.cli import run_main
+from unet.cli import init_ray, run_main
 
 _MIB = 1024 * 1024
 
@@ -83,23 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-key", default=None, help="S3 secret key (sets AWS_SECRET_ACCESS_KEY)")
     p.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
     return p
-
-
-def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS`` (``ray job submit``), else start a local Ray with the
-    checkout on the workers' PYTHONPATH; an already initialised Ray (tests) is kept."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,3 +88,33 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print(f"{prog or _prog()}: error: {format_error(cause)}", file=sys.stderr)
         return EXIT_USAGE
     return 0 if code is None else int(code)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect the job to its Ray; returns True if this call started (or joined) Ray.
+
+    Order: an already initialised Ray (tests, the demo, notebooks) -> ``address`` (``auto`` = the
+    cluster ``ray start`` made on this machine) -> ``$RAY_ADDRESS`` (set by ``ray job submit``) -> a
+    new private local Ray with ``num_cpus`` (default: this machine's CPUs). The last one is explicit
+    (``address="local"``): plain ``ray.init()`` would silently join any ``ray start`` cluster it
+    finds and then ignore ``num_cpus``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(**local_ray_options(num_cpus))
+    return True
+
+
+def local_ray_options(num_cpus: int | None = None) -> dict:
+    """``ray.init`` arguments for a private local Ray. Its workers get this checkout on their
+    ``PYTHONPATH`` so ``unet`` and ``jobs`` import there even when the package is not installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
+            "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}

@@ -57,7 +57,7 @@ from ray.train import DataConfig
 from torch import nn
 
 from unet import storage
-from unet.cli import UsageError
+from unet.cli import UsageError, init_ray, local_ray_options
 from unet.losses import DeepSupervisionLoss, build_loss
 from unet.metrics import MetricAccumulator
 from unet.models import build_model
@@ -996,39 +996,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def _project_root() -> str:
-    return str(Path(__file__).resolve().parents[1])
-
-
-def init_ray(cfg: TrainConfig) -> bool:
-    """Connect to the cluster the job should use; returns True if this call started Ray.
-
-    Order: an already initialised Ray (tests, notebooks) -> ``cfg.address`` (``auto`` = the cluster
-    ``ray start`` made on this machine) -> ``$RAY_ADDRESS`` (set by ``ray job submit``) -> a new
-    local Ray with ``num_cpus`` (default: this machine's CPUs). The last one is explicit
-    (``address="local"``): plain ``ray.init()`` would silently join any ``ray start`` cluster it
-    finds and then ignore ``num_cpus``. A local Ray gets this checkout on its workers'
-    ``PYTHONPATH`` so ``unet`` imports there even when the package is not installed.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    ray.init(**local_ray_options(cfg.num_cpus))
-    return True
-
-
-def local_ray_options(num_cpus: int | None = None) -> dict[str, Any]:
-    """``ray.init`` arguments for a private local Ray (used by :func:`init_ray` and the tests)."""
-    pythonpath = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH")) if p)
-    return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
-            "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
-
-
 def _alive_nodes() -> list[dict[str, float]]:
     import ray
 
@@ -1165,7 +1132,7 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
-    started = init_ray(cfg)
+    started = init_ray(cfg.address, cfg.num_cpus)
     try:
         import ray
 
