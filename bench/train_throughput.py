@@ -23,7 +23,7 @@ the cores do in a plain loop.
 
 Run (3-5 minutes on 2 shared CPUs)::
 
-    .venv/bin/python -m bench.train_throughput                  # 64 phantoms, 3 epochs, 2 workers
+    .venv/bin/python -m bench.train_throughput                  # 256 phantoms, 3 epochs, 2 workers
     .venv/bin/python -m bench.train_throughput --gpu --image-size 256 --num 400 --batch-size 32
 
 Writes bench/results/train_throughput.json; the last line printed is the ratio.
@@ -90,7 +90,7 @@ def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num", type=int, default=64, help="phantoms to prepare (70%% train; default 64)")
+    p.add_argument("--num", type=int, default=256, help="phantoms to prepare (70%% train: ~180 per epoch; default 256)")
     p.add_argument("--size", type=int, default=256, help="side of the prepared phantoms (default 256)")
     p.add_argument("--image-size", type=int, default=128, help="training size (default 128)")
     p.add_argument("--epochs", type=int, default=3, help="epochs on each side; the first is a warm-up")
