@@ -149,6 +149,49 @@ def test_lr_schedule_warmup_then_decay():
     assert poly[0] == 1.0 and poly[-1] == pytest.approx(0.25 ** 0.9)
 
 
+def test_checkpoint_state_read_by_many_ranks_at_once_from_s3(s3_env):
+    """Ranks of a restarted group load the same S3 checkpoint at staggered moments. Every reader
+    gets the saved state intact (Ray's shared ``as_directory`` download re-downloaded over a file
+    another rank was reading; CI saw a resumed run fail on a "corrupted" checkpoint)."""
+    import io
+    import threading
+
+    from ray.train import Checkpoint
+
+    from unet.train import load_checkpoint_state
+
+    state = {"epoch": 3, "model": {f"w{i}": torch.randn(256, 1024) for i in range(8)}}  # ~8 MiB
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fs, root = storage.get_filesystem(f"{s3_env}/run/epoch-0003")
+    with fs.open_output_stream(f"{root}/{CHECKPOINT_FILE}") as f:
+        f.write(buf.getvalue())
+    checkpoint = Checkpoint(root, filesystem=fs)  # one object, as every rank unpickles the same
+
+    errors: list[BaseException] = []
+
+    def reader(delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(4):
+            try:
+                got = load_checkpoint_state(checkpoint)
+                assert got["epoch"] == 3
+                assert all(torch.equal(got["model"][k], v) for k, v in state["model"].items())
+            except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+                errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(0.05 * i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+    missing = Checkpoint(f"{root}-missing", filesystem=fs)
+    with pytest.raises(FileNotFoundError, match=f"no {CHECKPOINT_FILE}"):
+        load_checkpoint_state(missing)
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow: real Ray
 # ---------------------------------------------------------------------------------------------

@@ -833,13 +833,26 @@ def _setup_worker_logging() -> None:
 
 
 def load_checkpoint_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict saved in a Ray checkpoint by :func:`train_loop_per_worker` (any storage)."""
-    with checkpoint.as_directory() as d:
-        path = Path(d) / CHECKPOINT_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {CHECKPOINT_FILE}; "
-                                    "it was not written by unet.train")
-        return torch.load(path, map_location=map_location, weights_only=True)
+    """The dict saved in a Ray checkpoint by :func:`train_loop_per_worker` (any storage).
+
+    Read straight from the checkpoint's filesystem into memory, not through
+    ``Checkpoint.as_directory()``: that shares one download folder per node, and a rank arriving
+    after another has finished downloading downloads again over the file the first is reading
+    (a resumed group then fails with a "corrupted" checkpoint).
+    """
+    import io
+
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_file(path) as f:
+            data = f.readall()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {CHECKPOINT_FILE}; "
+                                "it was not written by unet.train") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: cannot load {CHECKPOINT_FILE} ({len(data)} bytes): {e}") from e
 
 
 def _read_checkpoint_config(checkpoint) -> dict[str, Any]:

@@ -108,17 +108,34 @@ class InferenceSummary:
         return dataclasses.asdict(self)
 
 
+def _side_cpus(config: InferenceConfig) -> float:
+    """CPUs requested by each non-model step (plan read, decode, post-process).
+
+    Half a CPU: reads wait on storage as much as they decode. It also keeps the remote args
+    different from the model actors', which stops Ray Data from fusing decoding into the actors
+    (they would then decode serially instead of feeding the model).
+    """
+    return 0.5 if config.cpus_per_worker != 0.5 else 0.25
+
+
+# The largest CPU request of a non-model step: Ray Data's streaming repartition (which cuts plan
+# files into read tasks) always asks for one whole CPU, and offers no way to ask for less.
+SIDE_STEP_CPUS = 1.0
+
+
 def _check_resources(config: InferenceConfig) -> None:
     import ray
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
     need_cpu = config.workers * config.cpus_per_worker
-    # Reading and post-processing need a CPU beside the model actors, or the pipeline stalls.
-    if need_cpu + 0.5 > cpus:
-        raise ValueError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker} needs "
-                         f"{need_cpu:g} CPUs plus some for reading, but the Ray cluster has {cpus:g}; "
-                         f"use fewer workers (or --no-check-resources on an autoscaling cluster)")
+    # The model actors hold their CPUs for the whole run; every other step must still fit beside
+    # them, or the pipeline waits forever for a free CPU.
+    if need_cpu + SIDE_STEP_CPUS > cpus + 1e-9:
+        raise ValueError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
+                         f"{need_cpu:g} CPUs for the model, plus {SIDE_STEP_CPUS:g} for reading and "
+                         f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
+                         f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
     need_gpu = config.workers * config.gpus_per_worker
     if need_gpu > gpus:
         raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
@@ -233,14 +250,12 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
     # serially, so a streaming repartition cuts them into small blocks.
     ds = ray.data.from_items([{"path": p} for p in plan_files])
     out_fs = storage.get_filesystem(config.output)[0]
-    ds = ds.map_batches(read_plan_file, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(fs=out_fs))
+    side_cpus = _side_cpus(config)
+    ds = ds.map_batches(read_plan_file, batch_format="pyarrow", batch_size=1, num_cpus=side_cpus,
+                        fn_kwargs=dict(fs=out_fs))
     ds = ds.repartition(target_num_rows_per_block=READ_ROWS_PER_TASK)
-    # Half a CPU per read task: reads wait on storage as much as they decode. It also keeps the
-    # remote args different from the model actors', which stops Ray Data from fusing decoding
-    # into the actors (they would then decode serially instead of feeding the model).
-    read_cpus = 0.5 if config.cpus_per_worker != 0.5 else 0.25
     ds = ds.map_batches(
-        read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=read_cpus,
+        read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=side_cpus,
         fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=input_size,
                        image_column=config.image_column, id_column=config.id_column,
                        max_pixels=config.max_pixels, max_bytes=config.max_bytes))
@@ -253,7 +268,7 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
                                    use_gpu=config.gpus_per_worker > 0,
                                    num_threads=int(config.cpus_per_worker)),
         runtime_env={"env_vars": {CRASH_ENV: hook}} if hook else None)
-    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None,
+    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=side_cpus,
                         fn_kwargs=dict(threshold=threshold, largest_component=config.largest_component,
                                        model_id=loaded.model_id))
 
