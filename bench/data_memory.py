@@ -34,9 +34,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,9 +46,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import MiB, descendants, rss_pss, work_dir  # noqa: E402
 from unet.data import AugmentConfig, collate_torch, read_split  # noqa: E402
-
-MiB = 1024 * 1024
 
 
 def write_big_shards(root: Path, rows: int, shard_rows: int, side: int, seed: int = 0) -> int:
@@ -84,34 +81,6 @@ def write_big_shards(root: Path, rows: int, shard_rows: int, side: int, seed: in
     return total
 
 
-def _pss_bytes(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:  # process ended between listing and reading
-        return 0
-    match = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) * 1024 if match else 0
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
-
-
 class Sampler(threading.Thread):
     """Samples plasma usage, spilled bytes and total PSS of this process tree until stopped."""
 
@@ -134,7 +103,7 @@ class Sampler(threading.Thread):
                 "t": round(time.monotonic() - start, 2), "rows": self.rows,
                 "plasma_mib": int(plasma.group(1)) if plasma else 0,
                 "spilled_mib": int(spilled.group(1)) if spilled else 0,
-                "pss_mib": round(sum(_pss_bytes(p) for p in _descendants(os.getpid())) / MiB, 1),
+                "pss_mib": round(sum(rss_pss(p)[1] for p in descendants(os.getpid())) / MiB, 1),
             })
             self._stop_event.wait(self.interval)
 
@@ -168,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    workdir = Path(tempfile.mkdtemp(prefix="unet-bench-data-"))
-    try:
+    with work_dir(None, "unet-bench-data-") as workdir:
         t0 = time.monotonic()
         dataset_bytes = write_big_shards(workdir, args.rows, args.shard_rows, args.png_side)
         print(f"wrote {dataset_bytes / MiB:.0f} MiB of shards in {time.monotonic() - t0:.1f}s")
@@ -191,8 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
         time.sleep(1.0)  # one more sample after the stream drains
         sampler.stop()
         ray.shutdown()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
     samples = sampler.samples
     result = {

@@ -41,28 +41,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    add_infer_args,
+    announce_machine,
     decoded_inputs,
-    input_job_args,
-    machine_info,
+    finish,
+    infer_job_args,
     make_artifact,
     measure_infer_job,
     model_only_throughput,
-    ratio_line,
     say,
     seaweedfs,
     set_threads,
     upload_tree,
+    work_dir,
     write_input,
-    write_result,
 )
 
 GOAL = 0.90
@@ -70,19 +69,11 @@ GOAL = 0.90
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=480, help="images in the archive (default 480)")
-    p.add_argument("--size", type=int, default=256, help="side of the stored images (default 256)")
-    p.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
-    p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1, help="model actors (default 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
+    add_infer_args(p, n=480, size=256, input_size=128)
     p.add_argument("--model", default=None,
                    help="model artifact (name, dir or URI); default: a random-weight default unet")
     p.add_argument("--s3", action="store_true", help="input and output on a local SeaweedFS S3 server")
     p.add_argument("--gpu", action="store_true", help="model on the GPU (1 per worker, fp16 autocast)")
-    p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
     return p
 
 
@@ -90,11 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from unet.artifact import load_artifact
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-infer-eff-"))
-    work.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}")
-    try:
+    with work_dir(args.workdir, "unet-bench-infer-eff-") as work:
+        info = announce_machine()
         size, isz = (args.size, args.size), (args.input_size, args.input_size)
         input_path = write_input(args.input_kind, work / "input", args.n, size)
         model_ref = args.model or str(make_artifact(work / "model", input_size=isz))
@@ -113,13 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        device=device)
         say(f"model only (before): {before['images_per_s']:.1f} images/s")
 
-        job = ["-m", "jobs.infer", "--model", model_ref, "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
-               *input_job_args(args.input_kind)]
-        if args.num_cpus:
-            job += ["--num-cpus", str(args.num_cpus)]
-        if args.gpu:
-            job += ["--gpus-per-worker", "1"]
+        job = infer_job_args(args, model_ref)
         with seaweedfs() if args.s3 else contextlib.nullcontext() as server:
             if server is not None:
                 in_uri, out_uri = upload_tree(server, input_path, "bench", "input"), "s3://bench/masks"
@@ -159,19 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
             "images_for_wall_ratio_goal": (int(GOAL * startup_s * pipe_ips / (ratio - GOAL)) + 1
                                            if ratio > GOAL else None),
             "machine": info,
-            "command": " ".join(["python -m bench.infer_efficiency", *(argv if argv is not None else sys.argv[1:])]),
         }
-        path = write_result("infer_efficiency_s3" if args.s3 else "infer_efficiency", result)
-        say(f"model busy in the job (pipeline / model rate inside the actor): {busy:.2f}")
-        say(f"whole run incl. {startup_s:.0f}s start-up / model only: {ratio_wall:.2f}"
-            + (f"; it reaches {GOAL:.2f} from about {result['images_for_wall_ratio_goal']} images"
-               if result["images_for_wall_ratio_goal"] else ""))
-        say(f"results: {path}")
-        say(ratio_line("infer_job/model_only", ratio, GOAL))
-        return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        notes = [f"model busy in the job (pipeline / model rate inside the actor): {busy:.2f}",
+                 f"whole run incl. {startup_s:.0f}s start-up / model only: {ratio_wall:.2f}"
+                 + (f"; it reaches {GOAL:.2f} from about {result['images_for_wall_ratio_goal']} images"
+                    if result["images_for_wall_ratio_goal"] else "")]
+        return finish("infer_efficiency_s3" if args.s3 else "infer_efficiency", result, argv,
+                      "infer_job/model_only", ratio, GOAL, notes=notes)
 
 
 if __name__ == "__main__":

@@ -29,24 +29,23 @@ Writes bench/results/infer_memory.json (with the sampled series); the last line 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    add_infer_args,
+    announce_machine,
     count_ok_rows,
-    input_job_args,
-    machine_info,
+    finish,
+    infer_job_args,
     make_artifact,
-    ratio_line,
     run_job,
     say,
+    work_dir,
     write_input,
-    write_result,
 )
 
 GOAL = 1.2
@@ -54,20 +53,12 @@ GOAL = 1.2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=200, help="the small archive; the large one has 10x (default 200)")
+    add_infer_args(p, n=200, size=64, input_size=64, n_help="the small archive; the large one has 10x")
     p.add_argument("--factor", type=int, default=10, help="size of the large archive in N (default 10)")
-    p.add_argument("--size", type=int, default=64, help="side of the stored images (default 64)")
-    p.add_argument("--input-size", type=int, default=64, help="model input side (default 64)")
     p.add_argument("--channels", default="8,16,32", help="unet channels (default 8,16,32)")
-    p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--chunk-size", type=int, default=None, help="images per output part (default: the job's)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
     p.add_argument("--model", default=None, help="model artifact; default: a random-weight small unet")
     p.add_argument("--gpu", action="store_true", help="1 GPU per model actor")
-    p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
     return p
 
 
@@ -83,11 +74,8 @@ def _half_peaks(series: list[dict], key: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-infer-mem-"))
-    work.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}")
-    try:
+    with work_dir(args.workdir, "unet-bench-infer-mem-") as work:
+        info = announce_machine()
         channels = tuple(int(c) for c in args.channels.split(","))
         model_ref = args.model or str(make_artifact(work / "model", channels=channels,
                                                     input_size=(args.input_size, args.input_size)))
@@ -95,15 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         for n in (args.n, args.n * args.factor):
             input_path = write_input(args.input_kind, work / f"input-{n}", n, (args.size, args.size))
             out = work / f"masks-{n}"
-            job = ["-m", "jobs.infer", "--model", model_ref, "--input", str(input_path), "--output", str(out),
-                   "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                   "--cpus-per-worker", str(args.cpus_per_worker), *input_job_args(args.input_kind)]
+            job = [*infer_job_args(args, model_ref), "--input", str(input_path), "--output", str(out)]
             if args.chunk_size:
                 job += ["--chunk-size", str(args.chunk_size)]
-            if args.num_cpus:
-                job += ["--num-cpus", str(args.num_cpus)]
-            if args.gpu:
-                job += ["--gpus-per-worker", "1"]
             run = run_job(job, sample_memory=True, log_dir=work / f"log-{n}")
             ok = count_ok_rows(str(out))
             if ok != n:
@@ -123,16 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
             "benchmark": "infer_memory", "goal": f"<= {GOAL}", "ratio": round(ratio, 3), "met": ratio <= GOAL,
             "ratio_pss": round(ratio_pss, 3), "config": vars(args), "model": model_ref,
             "runs": {str(k): v for k, v in runs.items()}, "machine": info,
-            "command": " ".join(["python -m bench.infer_memory", *(argv if argv is not None else sys.argv[1:])]),
         }
-        path = write_result("infer_memory", result)
-        say(f"PSS ratio {args.factor}N/N = {ratio_pss:.2f}")
-        say(f"results: {path}")
-        say(ratio_line(f"peak_rss({args.factor}N)/peak_rss(N)", ratio, GOAL, higher_is_better=False))
-        return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        return finish("infer_memory", result, argv, f"peak_rss({args.factor}N)/peak_rss(N)", ratio, GOAL,
+                      notes=[f"PSS ratio {args.factor}N/N = {ratio_pss:.2f}"], higher_is_better=False)
 
 
 if __name__ == "__main__":

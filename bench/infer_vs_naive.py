@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,16 +43,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    input_job_args,
+    add_infer_args,
+    announce_machine,
+    finish,
+    infer_job_args,
     iter_input_images,
-    machine_info,
     make_artifact,
     measure_infer_job,
-    ratio_line,
     say,
     set_threads,
+    work_dir,
     write_input,
-    write_result,
 )
 
 GOAL = 1.3
@@ -133,23 +132,16 @@ def naive_loop(kind: str, input_path: Path, out_file: Path, model, *, input_size
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=480, help="images in the archive (default 480)")
-    p.add_argument("--size", type=int, default=256, help="side of the stored images (default 256)")
-    p.add_argument("--input-size", type=int, default=128, help="model input side (default 128)")
-    p.add_argument("--input-kind", choices=("folder", "parquet", "tar"), default="folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=None,
-                   help="model actors of the job (default 2; 1 with --gpu: one GPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs, 1 torch thread each; "
-                        "1 with --gpu)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
+    add_infer_args(p, n=480, size=256, input_size=128,
+                   workers=None, workers_help="model actors of the job (default 2; 1 with --gpu: one GPU)",
+                   cpus_per_worker=None,
+                   cpus_help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs, 1 torch thread each; "
+                             "1 with --gpu)")
     p.add_argument("--naive-threads", type=int, default=None,
                    help="torch threads of the naive loop (default: workers x int(cpus_per_worker), "
                         "i.e. the job's total model threads)")
     p.add_argument("--model", default=None, help="model artifact; default: a random-weight default unet")
     p.add_argument("--gpu", action="store_true", help="GPU for both (job: 1 GPU per worker)")
-    p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
     return p
 
 
@@ -161,11 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.cpus_per_worker = 1.0 if args.gpu else 0.5
     from unet.artifact import load_artifact
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-naive-"))
-    work.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}")
-    try:
+    with work_dir(args.workdir, "unet-bench-naive-") as work:
+        info = announce_machine()
         input_path = write_input(args.input_kind, work / "input", args.n, (args.size, args.size))
         model_ref = args.model or str(make_artifact(work / "model", input_size=(args.input_size,) * 2))
         loaded = load_artifact(model_ref)
@@ -192,13 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             return r
 
         before = naive("before")
-        job = ["-m", "jobs.infer", "--model", model_ref, "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker),
-               *input_job_args(args.input_kind)]
-        if args.num_cpus:
-            job += ["--num-cpus", str(args.num_cpus)]
-        if args.gpu:
-            job += ["--gpus-per-worker", "1"]
+        job = infer_job_args(args, model_ref)
         jobm = measure_infer_job(job, input_uri=str(input_path), n=args.n, output=str(work / "masks"),
                                  workers=args.workers, log_dir=work / "log")
         wall = jobm["wall_images_per_s"]
@@ -218,17 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
             "job": jobm,
             "naive": {"before": before, "after": after, "mean_images_per_s": baseline},
             "machine": info,
-            "command": " ".join(["python -m bench.infer_vs_naive", *(argv if argv is not None else sys.argv[1:])]),
         }
-        path = write_result("infer_vs_naive", result)
-        say(f"naive loop (mean): {baseline:.1f} images/s")
-        say(f"over run_inference's whole wall time (start-up included) the ratio is {result['ratio_wall']:.2f}")
-        say(f"results: {path}")
-        say(ratio_line("infer_job_steady/naive_loop", ratio, GOAL))
-        return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        notes = [f"naive loop (mean): {baseline:.1f} images/s",
+                 f"over run_inference's whole wall time (start-up included) the ratio is {result['ratio_wall']:.2f}"]
+        return finish("infer_vs_naive", result, argv, "infer_job_steady/naive_loop", ratio, GOAL, notes=notes)
 
 
 if __name__ == "__main__":

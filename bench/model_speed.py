@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, job_env, machine_info, median, ratio_line, say, set_threads, write_result
+from bench.common import REPO, announce_machine, finish, job_env, median, say, set_threads
 
 GOAL = 1.0
 CHANNELS = (16, 32, 64, 128, 256)
@@ -162,11 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"MONAI is needed for this benchmark only: .venv/bin/pip install --no-deps monai ({e})") from e
     import monai as monai_pkg
 
-    info = machine_info()
+    info = announce_machine(f", MONAI {monai_pkg.__version__}")
     set_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
-    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}, "
-        f"MONAI {monai_pkg.__version__}")
     say(f"input {args.batch_size}x1x{args.input_size}x{args.input_size}, {args.threads} threads, {device}, "
         f"{args.rounds} rounds x {args.iters} passes")
     models = {"ours": ours, "monai": monai}
@@ -224,12 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         "models": stats, "images_per_s": rates, "median_images_per_s": med, "effects_vs_ours_fp32": effects,
         "ratio_channels_last": round(paired("ours_channels_last", "monai_channels_last"), 3),
         "torch_compile": compiled, "monai_version": monai_pkg.__version__, "machine": info,
-        "command": " ".join(["python -m bench.model_speed", *(argv if argv is not None else sys.argv[1:])]),
     }
-    path = write_result("model_speed", result)
-    say(f"results: {path}")
-    say(ratio_line("ours/monai_basicunet", ratio, GOAL))
-    return result
+    return finish("model_speed", result, argv, "ours/monai_basicunet", ratio, GOAL)
 
 
 if __name__ == "__main__":

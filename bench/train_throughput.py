@@ -35,16 +35,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, median, ratio_line, run_job, say, set_threads, write_result
+from bench.common import announce_machine, finish, median, run_job, say, set_threads, work_dir
 
 GOAL = 0.85
 
@@ -120,12 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.workers is None:
         args.workers = 1 if args.gpu else 2
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="unet-bench-train-"))
-    work.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
     cpus = args.num_cpus or os.cpu_count() or 1
-    say(f"machine: {info['cpus']} CPUs, load average {info['loadavg_start']}, torch {info['torch']}")
-    try:
+    with work_dir(args.workdir, "unet-bench-train-") as work:
+        info = announce_machine()
         data = args.data
         if data is None:
             from unet.prepare import PrepareConfig, prepare
@@ -176,16 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "process_wall_s": round(run.wall_s, 1)},
             "plain": {"before": before, "after": after, "images_per_s_median_later_epochs": plain_ips},
             "machine": info,
-            "command": " ".join(["python -m bench.train_throughput", *(argv if argv is not None else sys.argv[1:])]),
         }
-        path = write_result("train_throughput", result)
-        say(f"median of epochs 2..{args.epochs}: job {job_ips:.2f} images/s, plain loop {plain_ips:.2f} images/s")
-        say(f"results: {path}")
-        say(ratio_line("jobs.train/plain_loop", ratio, GOAL))
-        return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        return finish("train_throughput", result, argv, "jobs.train/plain_loop", ratio, GOAL,
+                      notes=[f"median of epochs 2..{args.epochs}: job {job_ips:.2f} images/s, "
+                             f"plain loop {plain_ips:.2f} images/s"])
 
 
 if __name__ == "__main__":
