@@ -362,6 +362,17 @@ def test_subtract_finds_row_ranges_not_yet_done():
     assert subtract_ranges((0, 10), [(0, 10)]) == []
 
 
+def test_decode_and_postprocess_tasks_do_not_import_torch():
+    """Ray starts fresh worker processes for the read/decode and post-processing tasks; importing
+    torch there costs seconds of CPU per process, taken from the model actors (measured: the
+    pipeline at half speed when a module-level import slipped in)."""
+    code = ("import sys, unet.inference.read, unet.inference.model, unet.inference.plan, "
+            "unet.inference.output; print(sorted(m for m in ('torch', 'ray.train') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_cli_help_lists_the_flags():
     out = subprocess.run([sys.executable, "-m", "jobs.infer", "--help"], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)

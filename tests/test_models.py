@@ -226,3 +226,28 @@ def test_registry_classes():
     for name, cls in MODELS.items():
         assert cls.architecture == name
         assert type(build_model(name, channels=TINY)) is cls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_inference_copy_gives_the_same_logits_without_batchnorm(name):
+    from torch import nn
+
+    from unet.models import fuse_conv_bn
+
+    model = build_model(name, channels=TINY)
+    with torch.no_grad():  # non-trivial statistics, as after training
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.train()
+    fused = fuse_conv_bn(model)
+    assert model.training, "the original is left as it was"
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert bns > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(2, 1, 24, 20)
+    with torch.inference_mode():
+        want, got = _single(model.eval()(x)), _single(fused(x))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()

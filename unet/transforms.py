@@ -9,9 +9,18 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+
 # Default intensity normalisation (stored in every model artifact's config.json).
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.25
+
+
+def single_threaded_opencv() -> None:
+    """Make OpenCV run on the calling thread only. For Ray tasks sized at a CPU or less (decode,
+    post-processing): OpenCV's own pool would otherwise spread resizes over every core and
+    compete with the model actors' threads."""
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import ndimage
 
-from ..transforms import normalize, resize_probability
+from ..transforms import normalize, resize_probability, single_threaded_opencv
 from .decode import describe_error
 from .output import PIPELINE_SCHEMA
 
@@ -32,12 +32,17 @@ CRASH_ENV = "UNET_INFER_TEST_CRASH"
 class Predictor:
     """Ray Data actor: holds the model, maps a batch of uint8 ``x`` to foreground probabilities.
 
+    The model runs with BatchNorm folded into the convolutions (:func:`unet.models.fuse_conv_bn`).
     CPU: channels-last tensors under ``torch.inference_mode``; GPU: the same under fp16 autocast.
     Rows with an error (and tar end markers) are passed through with an all-zero ``prob``.
     """
 
     def __init__(self, model, *, mean: float, std: float, tta: bool, use_gpu: bool, num_threads: int):
+        # torch only here: this module also serves the decode/post-processing tasks, whose worker
+        # processes would otherwise spend seconds of CPU importing it.
         import torch
+
+        from ..models import fuse_conv_bn
 
         self.torch = torch
         if use_gpu and not torch.cuda.is_available():
@@ -46,7 +51,7 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
-        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.model = fuse_conv_bn(model).to(self.device).to(memory_format=torch.channels_last)
         self.mean, self.std, self.tta = mean, std, tta
         self.calls = 0
 
@@ -124,6 +129,7 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 def postprocess(batch: dict[str, np.ndarray], *, threshold: float, largest_component: bool,
                 model_id: str) -> pa.Table:
     """Ray Data UDF: probabilities -> output rows (plus the internal chunk columns)."""
+    single_threaded_opencv()
     n = len(batch["_seq"])
     now = _dt.datetime.now(_dt.timezone.utc)
     out: dict[str, list] = {name: [] for name in PIPELINE_SCHEMA.names}

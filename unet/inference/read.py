@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..transforms import resize_image
+from ..transforms import resize_image, single_threaded_opencv
 from .decode import DecodeError, decode_image, describe_error
 from .plan import fs_path, kind_of
 
@@ -230,6 +230,7 @@ def read_and_decode(plan: pa.Table, *, fs: pafs.FileSystem, root: str, root_uri:
 
     Never raises for a bad input: every input becomes a row, failures carry ``error``.
     """
+    single_threaded_opencv()
     rows = _Rows(input_size)
     s3 = storage.is_s3(root_uri)
     for unit in plan.to_pylist():

@@ -29,7 +29,7 @@ __all__ = ["InferenceConfig", "InferenceSummary", "run_inference"]
 
 # Plan rows per read/decode task: small enough to spread decoding over all CPUs, large enough
 # that task overhead (~ms) stays small next to decoding (~ms per image).
-READ_ROWS_PER_TASK = 16
+READ_ROWS_PER_TASK = 64
 MAX_PENDING_WRITES = 8
 
 

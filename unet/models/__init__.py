@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 
 from .attention_unet import AttentionGate, AttentionUNet
-from .base import DEFAULT_CHANNELS, SegmentationModel, count_parameters
+from .base import DEFAULT_CHANNELS, SegmentationModel, count_parameters, fuse_conv_bn
 from .unet import UNet
 from .unet_plus_plus import UNetPlusPlus
 
@@ -30,6 +30,7 @@ __all__ = [
     "UNetPlusPlus",
     "build_model",
     "count_parameters",
+    "fuse_conv_bn",
 ]
 
 MODELS: dict[str, type[SegmentationModel]] = {
