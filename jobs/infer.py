@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per model actor (default: 1); workers x this + 1 must fit the cluster, the 1 "
+                        "for reading, decoding and post-processing")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one stored in the model artifact)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")

@@ -679,11 +679,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
-    """One pass over this rank's batches; returns (sum of per-image loss, images) on this rank."""
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float]:
+    """One pass over this rank's batches; returns (sum of per-image loss, images, seconds spent
+    waiting for the next batch) on this rank. A large wait means the input pipeline, not the
+    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``)."""
     model.train()
-    loss_sum, images = 0.0, 0
-    for batch in batches:
+    loss_sum, images, wait_s = 0.0, 0, 0.0
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        wait_s += time.perf_counter() - t
+        if batch is None:
+            break
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -704,7 +712,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
             optimizer.step()
         loss_sum += value * x.shape[0]
         images += x.shape[0]
-    return loss_sum, images
+    return loss_sum, images, wait_s
 
 
 def new_accumulators() -> dict[str, MetricAccumulator]:
@@ -816,10 +824,10 @@ def log_epoch(record: Mapping[str, Any], epochs: int) -> None:
     """The one per-epoch log line (call on rank 0 only)."""
     logger.info(
         "epoch %d/%d  loss %.4f  val_dice %.4f (per image %.4f)  val_iou %.4f  lr %.2e  %.1f img/s  "
-        "epoch %.1fs  elapsed %.1fs",
+        "data wait %.0f%%  epoch %.1fs  elapsed %.1fs",
         record["epoch"], epochs, record["train_loss"], record["val_dice"], record["val_dice_per_image"],
-        record["val_iou"],
-        record["lr"], record["images_per_s"], record["epoch_s"], record["elapsed_s"])
+        record["val_iou"], record["lr"], record["images_per_s"], 100 * record.get("data_wait", 0.0),
+        record["epoch_s"], record["elapsed_s"])
 
 
 def _setup_worker_logging() -> None:
@@ -961,12 +969,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             batch_size=cfg.batch_size, collate_fn=collate_torch,
             local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
             local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 101 + rank) % (2**31))
-        loss_sum, n_images = train_one_epoch(model, train_batches, loss_fn, optimizer, device, cfg, scaler)
+        loss_sum, n_images, wait_s = train_one_epoch(model, train_batches, loss_fn, optimizer, device, cfg,
+                                                     scaler)
         train_s = time.perf_counter() - t0
         scheduler.step()
         val_batches = val_shard.iter_torch_batches(batch_size=val_batch_size, collate_fn=collate_torch)
-        accs, (loss_sum, n_images, train_s_sum) = validate(
-            model, val_batches, device, cfg, extra=[loss_sum, n_images, train_s])
+        accs, (loss_sum, n_images, train_s_sum, wait_s_sum) = validate(
+            model, val_batches, device, cfg, extra=[loss_sum, n_images, train_s, wait_s])
         _maybe_crash(cfg, epoch, rank)
         epoch_s = time.perf_counter() - t0
         record = {
@@ -976,6 +985,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lr": lr,
             # all ranks' images over the mean rank's time spent training
             "images_per_s": n_images / max(train_s_sum / world, 1e-9),
+            # share of the training time the ranks spent waiting for input batches
+            "data_wait": wait_s_sum / max(train_s_sum, 1e-9),
             "epoch_s": epoch_s,
             "elapsed_s": elapsed_before + (time.perf_counter() - attempt_start),
             **scores(accs),

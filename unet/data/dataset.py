@@ -221,7 +221,8 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         batch_size: rows per transform call (bounds a task's memory; not the training batch).
         num_cpus: CPUs requested per read and per transform task. Default 0.5.
         concurrency: max parallel transform tasks; None = Ray's default.
-        max_block_mib: largest block (and Parquet read unit) Ray Data may build while reading,
+        max_block_mib: largest block (and Parquet read unit) Ray Data may build while reading
+            (set, it selects Ray Data's V2 Parquet reader, which can split a shard),
             in MiB; None = Ray's default (128 MiB). Lower it (e.g. 16) when the object store is
             small (< ~1 GiB): reads that outgrow the store's free space are spilled to disk.
         mean, std: normalisation. Defaults 0.5, 0.25.
@@ -244,7 +245,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     paths = [storage.get_filesystem(s, **storage_kw)[1] for s in shards]
     file_shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
     with storage.errors(split_uri(uri, split), "read shards of", **storage_kw), \
-            _read_unit_bytes(max_block_mib):
+            _read_unit_bytes(max_block_mib), _parquet_reader(v2=max_block_mib is not None):
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
@@ -256,6 +257,31 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         # The Dataset carries its own copy of the DataContext; this changes only this pipeline.
         ds.context.target_max_block_size = int(max_block_mib * 1024 * 1024)
     return ds
+
+
+@contextlib.contextmanager
+def _parquet_reader(v2: bool) -> Iterator[None]:
+    """Plan ``read_parquet`` with Ray Data's V1 (default) or V2 Parquet datasource.
+
+    Training re-executes the read every epoch. With V2 (Ray 2.60's default: a ListFiles task,
+    then ReadFiles) the first batch of an epoch came 2-4 s after the epoch started; with V1 (read
+    tasks planned from the shard footers on the driver) 0.4 s (179 phantom rows, 2 CPUs): a
+    wait every rank pays every epoch. V2 is kept for ``max_block_mib``, because only V2 splits
+    one large shard into bounded read units (V1 reads a shard per task: 506 MiB of shards
+    through a 100 MiB object store spilled 325 MiB with V1, 0 with V2; ``bench/data_memory.py``).
+    ``RAY_DATA_USE_DATASOURCE_V2`` set in the environment wins.
+    """
+    import ray.data
+
+    if "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
+        yield
+        return
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, v2
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = saved
 
 
 @contextlib.contextmanager
