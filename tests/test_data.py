@@ -218,6 +218,35 @@ def test_ray_split_matches_plain_iterator(ray_local, local_prepared):
 
 
 @pytest.mark.slow
+def test_parquet_reader_choice_is_scoped_to_the_read(ray_local, local_prepared, monkeypatch):
+    """Ray Data's V1 Parquet reader by default (it starts every epoch's read in a fraction of
+    V2's time, see bench/README.md); V2 with its row-group bins when max_block_mib bounds memory.
+    Neither leaks into the caller's DataContext or environment, and the same rows come out."""
+    import os
+
+    from ray.data import DataContext
+
+    def op_names(ds):
+        names, stack = [], [ds._logical_plan.dag]
+        while stack:
+            op = stack.pop()
+            names.append(op.name)
+            stack.extend(op.input_dependencies)
+        return names
+
+    root, ids = local_prepared
+    monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    before = DataContext.get_current().use_datasource_v2
+    v1, v2 = read_split(root, "val", size=SIZE), read_split(root, "val", size=SIZE, max_block_mib=8)
+    assert "ReadParquet" in op_names(v1) and "ListFiles" not in op_names(v1)
+    assert "ListFiles" in op_names(v2)
+    assert DataContext.get_current().use_datasource_v2 == before
+    assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ
+    rows = [by_id(ds.iter_batches(batch_size=5, batch_format="numpy")) for ds in (v1, v2)]
+    assert sorted(rows[0]) == sorted(rows[1]) == ids["val"]
+
+
+@pytest.mark.slow
 def test_ray_train_split_augments_per_epoch_reproducibly(ray_local, local_prepared):
     root, ids = local_prepared
     config = AugmentConfig().always()

@@ -245,7 +245,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     paths = [storage.get_filesystem(s, **storage_kw)[1] for s in shards]
     file_shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
     with storage.errors(split_uri(uri, split), "read shards of", **storage_kw), \
-            _read_unit_bytes(max_block_mib), _parquet_reader(v2=max_block_mib is not None):
+            _parquet_read_plan(max_block_mib):
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
@@ -260,48 +260,36 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
 
 
 @contextlib.contextmanager
-def _parquet_reader(v2: bool) -> Iterator[None]:
-    """Plan ``read_parquet`` with Ray Data's V1 (default) or V2 Parquet datasource.
+def _parquet_read_plan(max_block_mib: float | None) -> Iterator[None]:
+    """Settings Ray Data reads when ``read_parquet`` is called (planning), restored afterwards.
 
-    Training re-executes the read every epoch. With V2 (Ray 2.60's default: a ListFiles task,
-    then ReadFiles) the first batch of an epoch came 2-4 s after the epoch started; with V1 (read
-    tasks planned from the shard footers on the driver) 0.4 s (179 phantom rows, 2 CPUs): a
-    wait every rank pays every epoch. V2 is kept for ``max_block_mib``, because only V2 splits
-    one large shard into bounded read units (V1 reads a shard per task: 506 MiB of shards
-    through a 100 MiB object store spilled 325 MiB with V1, 0 with V2; ``bench/data_memory.py``).
-    ``RAY_DATA_USE_DATASOURCE_V2`` set in the environment wins.
+    Without ``max_block_mib``: the V1 Parquet datasource. Training re-executes the read every
+    epoch; with Ray 2.60's default V2 (a ListFiles task, then ReadFiles) the first batch of an
+    epoch came 2-4 s after the epoch started, with V1 (read tasks planned from the shard
+    footers) 0.4 s (179 phantom rows, 2 CPUs): a wait every rank pays every epoch.
+
+    With ``max_block_mib``: V2, whose read tasks take Parquet row groups up to
+    ``RAY_DATA_PARQUET_BIN_PACKING_BYTES`` (128 MiB by default), set here to the block size. A
+    read task runs to the end of its bin even when downstream is backpressured, so with a small
+    object store a 128 MiB bin is spilled to disk; V1 reads a whole shard per task (506 MiB of
+    shards through a 100 MiB object store: V1 spilled 325 MiB, V2 with 8 MiB bins 0;
+    ``bench/data_memory.py``). Settings already in the environment win.
     """
     import ray.data
 
-    if "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
-        yield
-        return
+    bins = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, v2
+    saved_v2, set_bins = ctx.use_datasource_v2, max_block_mib is not None and bins not in os.environ
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        ctx.use_datasource_v2 = max_block_mib is not None
+    if set_bins:
+        os.environ[bins] = str(int(max_block_mib * 1024 * 1024))
     try:
         yield
     finally:
-        ctx.use_datasource_v2 = saved
-
-
-@contextlib.contextmanager
-def _read_unit_bytes(max_block_mib: float | None) -> Iterator[None]:
-    """Cap how many bytes of row groups one Parquet read task takes on, while the read is planned.
-
-    Ray Data (2.5x+) packs Parquet row groups into read tasks of up to
-    ``RAY_DATA_PARQUET_BIN_PACKING_BYTES`` (128 MiB) and reads that environment variable when
-    ``read_parquet`` is called. A read task runs to the end of its bin even when downstream is
-    backpressured, so with a small object store a 128 MiB bin is spilled to disk; matching the
-    bin to the block size keeps each task's output within budget.
-    """
-    if max_block_mib is None or "RAY_DATA_PARQUET_BIN_PACKING_BYTES" in os.environ:
-        yield  # an explicit user setting wins
-        return
-    os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(int(max_block_mib * 1024 * 1024))
-    try:
-        yield
-    finally:
-        del os.environ["RAY_DATA_PARQUET_BIN_PACKING_BYTES"]
+        ctx.use_datasource_v2 = saved_v2
+        if set_bins:
+            del os.environ[bins]
 
 
 def table_to_batch(table) -> dict[str, np.ndarray]:

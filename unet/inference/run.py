@@ -118,9 +118,9 @@ def _side_cpus(config: InferenceConfig) -> float:
     return 0.5 if config.cpus_per_worker != 0.5 else 0.25
 
 
-# The largest CPU request of a non-model step: Ray Data's streaming repartition (which cuts plan
-# files into read tasks) always asks for one whole CPU, and offers no way to ask for less.
-SIDE_STEP_CPUS = 1.0
+# CPUs the non-model steps need beside the model actors: Ray Data's streaming repartition (which
+# cuts plan files into read tasks) always asks for one whole CPU, and offers no way to ask for less.
+CPUS_BESIDE_ACTORS = 1.0
 
 
 def _check_resources(config: InferenceConfig) -> None:
@@ -131,9 +131,9 @@ def _check_resources(config: InferenceConfig) -> None:
     need_cpu = config.workers * config.cpus_per_worker
     # The model actors hold their CPUs for the whole run; every other step must still fit beside
     # them, or the pipeline waits forever for a free CPU.
-    if need_cpu + SIDE_STEP_CPUS > cpus + 1e-9:
+    if need_cpu + CPUS_BESIDE_ACTORS > cpus + 1e-9:
         raise ValueError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
-                         f"{need_cpu:g} CPUs for the model, plus {SIDE_STEP_CPUS:g} for reading and "
+                         f"{need_cpu:g} CPUs for the model, plus {CPUS_BESIDE_ACTORS:g} for reading and "
                          f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
                          f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
     need_gpu = config.workers * config.gpus_per_worker
