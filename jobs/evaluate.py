@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       command=shlex.join(["python", "-m", "jobs.evaluate", *argv]), log=log)
     overall = result.metrics["overall"]
     flr = result.metrics["false_lesion_rate"]
-    log(f"{overall['images']} images: Dice {overall['dice']['mean']:.4f} "
-        f"[{overall['dice']['ci_low']:.4f}, {overall['dice']['ci_high']:.4f}], "
+    dice = overall["dice"]
+    ci = f" [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}]" if args.bootstrap > 0 else ""
+    log(f"{overall['images']} images: Dice {dice['mean']:.4f}{ci}, "
         f"IoU {overall['iou']['mean']:.4f}, false-lesion rate {flr['count']}/{flr['images']}")
     paths = write_outputs(result, args.out, grid=args.grid, extremes=args.cases, seed=args.seed,
                           report=not args.no_report)
