@@ -64,6 +64,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("cpus-per-worker", dict(type=float, help="CPUs per worker (default: planned from the cluster)")),
     ("gpus-per-worker", dict(type=float, help="GPUs per worker with --use-gpu")),
     ("data-cpus", dict(type=float, help="CPUs kept free for Ray Data (decode/augment)")),
+    ("max-block-mib", dict(type=float, help="bound Ray Data's read units to this many MiB (for shards "
+                                            "much larger than the object store; default: one shard)")),
     ("placement-strategy", dict(choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                                 help="how workers are placed on nodes")),
     ("amp", dict(choices=("none", "bf16", "fp16"), help="mixed precision (fp16: GPU only)")),

@@ -178,6 +178,8 @@ class TrainConfig:
         workers: N, or ``"N-M"`` for an elastic worker group.
         use_gpu, cpus_per_worker (None = planned, see :func:`plan_resources`), gpus_per_worker,
         data_cpus: CPUs left for Ray Data, placement_strategy (``PACK``/``SPREAD``/...),
+        max_block_mib: bound Ray Data's read units and blocks of the train split (MiB; see
+            :func:`unet.data.read_split`); None = one read task per shard,
         address: Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray),
         num_cpus: CPUs of a local Ray started by this job (default: all of this machine),
         check_resources: refuse early if the cluster cannot hold the request (switch off on an
@@ -221,6 +223,7 @@ class TrainConfig:
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0
     data_cpus: float = 1.0
+    max_block_mib: float | None = None
     placement_strategy: str = "PACK"
     address: str | None = None
     num_cpus: int | None = None
@@ -335,6 +338,7 @@ class TrainConfig:
         number("cpus_per_worker", float, 0.0, allow_none=True, strict=True)
         number("gpus_per_worker", float, 0.0, strict=True)
         number("data_cpus", float, 0.0)
+        number("max_block_mib", float, 0.0, allow_none=True, strict=True)
         number("num_cpus", int, 1, allow_none=True)
         number("keep", int, 1)
         number("max_failures", int, -1)
@@ -599,7 +603,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "train": read_split(cfg.data, "train", size=size,
                             augment=AugmentConfig() if cfg.augment else None,
-                            shuffle=True, seed=cfg.seed),
+                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib),
         "val": read_split(cfg.data, "val", size=size).materialize(),
     }
 
