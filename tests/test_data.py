@@ -226,20 +226,14 @@ def test_parquet_reader_choice_is_scoped_to_the_read(ray_local, local_prepared, 
 
     from ray.data import DataContext
 
-    def op_names(ds):
-        names, stack = [], [ds._logical_plan.dag]
-        while stack:
-            op = stack.pop()
-            names.append(op.name)
-            stack.extend(op.input_dependencies)
-        return names
+    from tests.helpers import logical_operators
 
     root, ids = local_prepared
     monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
     before = DataContext.get_current().use_datasource_v2
     v1, v2 = read_split(root, "val", size=SIZE), read_split(root, "val", size=SIZE, max_block_mib=8)
-    assert "ReadParquet" in op_names(v1) and "ListFiles" not in op_names(v1)
-    assert "ListFiles" in op_names(v2)
+    assert "ReadParquet" in logical_operators(v1) and "ListFiles" not in logical_operators(v1)
+    assert "ListFiles" in logical_operators(v2)
     assert DataContext.get_current().use_datasource_v2 == before
     assert "RAY_DATA_PARQUET_BIN_PACKING_BYTES" not in os.environ
     rows = [by_id(ds.iter_batches(batch_size=5, batch_format="numpy")) for ds in (v1, v2)]

@@ -362,19 +362,12 @@ def test_worker_crash_resumes_from_last_checkpoint_on_s3(two_node_cluster, phant
 def test_max_block_mib_bounds_the_train_read(two_node_cluster, phantom_data):
     """--max-block-mib reaches the train split's read (Ray Data's V2 reader with bounded read
     units); without it the train split is read one shard per task (V1)."""
+    from tests.helpers import logical_operators
     from unet.train import build_datasets
-
-    def read_ops(ds):
-        names, stack = [], [ds._logical_plan.dag]
-        while stack:
-            op = stack.pop()
-            names.append(op.name)
-            stack.extend(op.input_dependencies)
-        return names
 
     plain = build_datasets(_config(phantom_data, "unused", "plan"))["train"]
     bounded = build_datasets(_config(phantom_data, "unused", "plan", max_block_mib=4))["train"]
-    assert "ReadParquet" in read_ops(plain) and "ListFiles" in read_ops(bounded)
+    assert "ReadParquet" in logical_operators(plain) and "ListFiles" in logical_operators(bounded)
 
 
 @pytest.mark.slow
