@@ -134,7 +134,7 @@ def naive_loop(kind: str, input_path: Path, out_file: Path, model, *, input_size
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_infer_args(p, n=480, size=256, input_size=128,
+    add_infer_args(p, n=960, size=256, input_size=128,
                    workers=None, workers_help="model actors of the job (default 2; 1 with --gpu: one GPU)",
                    cpus_per_worker=None,
                    cpus_help="CPUs per actor (default 0.5: 2 actors + reading fit on 2 CPUs, 1 torch thread each; "
