@@ -82,11 +82,13 @@ def machine_info() -> dict:
 
 
 def write_result(name: str, result: dict) -> Path:
-    """Write ``bench/results/<name>.json`` (with the load average at the end of the run)."""
+    """Write ``bench/results/<name>.json`` (with the load average at the end of the run);
+    ``$UNET_BENCH_RESULTS`` names another folder (the smoke tests use it)."""
     result = dict(result)
     result.setdefault("machine", {})["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = Path(os.environ.get("UNET_BENCH_RESULTS") or RESULTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return path
 

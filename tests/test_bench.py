@@ -1,0 +1,67 @@
+"""The benchmark scripts still run end to end, with tiny sizes, as a user runs them.
+
+Smoke tests only: they check that each script finishes, ends with its ratio line and writes its
+JSON (to a temporary folder, not bench/results). The figures at these sizes mean nothing and are
+not asserted: speed lives in the benchmarks themselves (bench/README.md), never in tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RATIO_LINE = re.compile(r"^ratio \S+ = \d+\.\d\d \(goal [<>]= \d+\.\d\d\) (MET|NOT MET)$")
+
+TINY_INFER = ["--n", "16", "--size", "48", "--input-size", "32", "--batch-size", "8"]
+CASES = {  # "<module> [variant]" -> arguments
+    "infer_efficiency": TINY_INFER,
+    "infer_efficiency --s3": [*TINY_INFER, "--s3"],
+    "infer_vs_naive": [*TINY_INFER, "--rounds", "1"],
+    "infer_memory": ["--n", "8", "--factor", "2", "--size", "32", "--input-size", "32"],
+    "train_throughput": ["--num", "24", "--size", "48", "--image-size", "32", "--epochs", "2", "--batch-size", "4"],
+    "model_speed": ["--no-compile", "--rounds", "1", "--iters", "1", "--batch-size", "2", "--input-size", "32"],
+}
+
+
+def run_bench(name: str, args: list[str], results: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["UNET_BENCH_RESULTS"] = str(results)
+    return subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_benchmark_runs_and_ends_with_its_ratio(case, tmp_path):
+    name = case.split()[0]
+    if name == "model_speed" and importlib.util.find_spec("monai") is None:
+        pytest.skip("MONAI is installed for the benchmark only (pip install --no-deps monai)")
+    proc = run_bench(name, CASES[case], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert RATIO_LINE.match(last), last
+    (result_file,) = tmp_path.glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert result["benchmark"] == name and "ratio" in result and "machine" in result
+    assert result["command"].startswith(f"python -m bench.{name}")
+
+
+@pytest.mark.slow
+def test_data_memory_benchmark_streams_every_row(tmp_path):
+    out = tmp_path / "data_memory.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/data_memory.py", "--rows", "60", "--png-side", "64", "--shard-rows", "20",
+         "--object-store-mb", "80", "--size", "32", "--batch-size", "8", "--out", str(out)],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == result["expected_rows"] == 60
