@@ -31,11 +31,11 @@ CASES = {  # "<module> [variant]" -> arguments
 }
 
 
-def run_bench(name: str, args: list[str], results: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["UNET_BENCH_RESULTS"] = str(results)
-    return subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_script(argv: list[str], **env) -> subprocess.CompletedProcess:
+    """A benchmark as its own process, starting its own local Ray (never joining $RAY_ADDRESS)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_benchmark_runs_and_ends_with_its_ratio(case, tmp_path):
     name = case.split()[0]
     if name == "model_speed" and importlib.util.find_spec("monai") is None:
         pytest.skip("MONAI is installed for the benchmark only (pip install --no-deps monai)")
-    proc = run_bench(name, CASES[case], tmp_path)
+    proc = run_script(["-m", f"bench.{name}", *CASES[case]], UNET_BENCH_RESULTS=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert RATIO_LINE.match(last), last
@@ -57,11 +57,8 @@ def test_benchmark_runs_and_ends_with_its_ratio(case, tmp_path):
 @pytest.mark.slow
 def test_data_memory_benchmark_streams_every_row(tmp_path):
     out = tmp_path / "data_memory.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/data_memory.py", "--rows", "60", "--png-side", "64", "--shard-rows", "20",
-         "--object-store-mb", "80", "--size", "32", "--batch-size", "8", "--out", str(out)],
-        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-        capture_output=True, text=True, timeout=600)
+    proc = run_script(["bench/data_memory.py", "--rows", "60", "--png-side", "64", "--shard-rows", "20",
+                       "--object-store-mb", "80", "--size", "32", "--batch-size", "8", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["rows"] == result["expected_rows"] == 60
