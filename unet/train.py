@@ -901,6 +901,13 @@ def _maybe_crash(cfg: TrainConfig, epoch: int, rank: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"rank {rank} crashed at epoch {epoch}\n")
+    # Ray's controller collects reports by polling: dying right after a report can lose it (the
+    # previous epoch's checkpoint never registered, the restart begins at epoch 1). Wait until every
+    # checkpoint reported so far is committed, so the drill tests resume and not that race.
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
     logger.warning("fault drill: rank %d exits at epoch %d", rank, epoch)
     sys.stdout.flush()
     os._exit(1)
