@@ -118,3 +118,30 @@ def local_ray_options(num_cpus: int | None = None) -> dict:
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
             "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+
+
+def require_cuda(gpus: float, flag: str) -> None:
+    """Fail fast, in one line, when Ray can schedule GPU work but torch there cannot use a GPU.
+
+    Runs one tiny task that asks Ray for ``gpus`` GPU (as a worker will) and reports what torch
+    sees on the node where Ray put it. Ray's GPUs can be logical (``ray start --num-gpus``) or
+    the node's torch a CPU build; the run would otherwise fail later, once per retry, inside Ray.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=gpus)
+    def probe() -> dict:
+        import platform
+
+        import torch
+
+        return {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "host": platform.node(),
+                "node": ray.get_runtime_context().get_node_id()[:8],
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    seen = ray.get(probe.remote())
+    if not seen["cuda"]:
+        raise UsageError(f"{flag}: Ray gave the task GPU {', '.join(seen['gpu_ids'])} on node {seen['node']} "
+                         f"({seen['host']}), but "
+                         f"torch {seen['torch']} there sees no CUDA device; install a CUDA build of torch on "
+                         f"the GPU nodes or run without {flag}")

@@ -57,7 +57,7 @@ from ray.train import DataConfig
 from torch import nn
 
 from unet import storage
-from unet.cli import UsageError, init_ray, local_ray_options
+from unet.cli import UsageError, init_ray, local_ray_options, require_cuda
 from unet.losses import DeepSupervisionLoss, build_loss
 from unet.metrics import MetricAccumulator
 from unet.models import build_model
@@ -1188,6 +1188,8 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
             logger.info("run %s has %d/%d epochs; resuming from its latest checkpoint",
                         cfg.run_uri, done, cfg.epochs)
         plan = plan_resources(cfg, ray.cluster_resources(), _alive_nodes())
+        if cfg.use_gpu and cfg.check_resources:
+            require_cuda(plan.gpus_per_worker, "--use-gpu")
         logger.info("resources: %s", plan.describe())
         if not storage.exists(storage.join(cfg.data, "manifest.json")):
             logger.warning("%s has no manifest.json; provenance will not pin the data version", cfg.data)

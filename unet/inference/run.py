@@ -141,6 +141,10 @@ def _check_resources(config: InferenceConfig) -> None:
         raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
                          f"{need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or pass "
                          f"--no-check-resources on an autoscaling cluster)")
+    if config.gpus_per_worker > 0:
+        from ..cli import require_cuda
+
+        require_cuda(config.gpus_per_worker, "--gpus-per-worker")
 
 
 def run_inference(config: InferenceConfig) -> InferenceSummary:
