@@ -128,6 +128,19 @@ def test_named_pretrained_artifacts(tmp_path, monkeypatch):
         load_artifact("no-such-model")
 
 
+@pytest.mark.parametrize("name", ["busi-unet", "busi-unet-256"])
+def test_shipped_models_load_by_name_with_provenance_and_segment_any_size(name):
+    loaded = load_artifact(name)
+    assert name in list_pretrained() and loaded.model_id.startswith(f"{name}-")
+    provenance = loaded.config["provenance"]
+    best = provenance["val_metrics"]
+    assert best["epoch"] == provenance["best_epoch"] and 0.5 < best["val_dice"] < 1
+    assert provenance["command"].startswith("python -m jobs.train --config configs/busi.yaml")
+    with torch.no_grad():
+        out = loaded.model.eval()(torch.rand(1, 1, 97, 131))
+    assert out.shape == (1, 1, 97, 131) and torch.isfinite(out).all()
+
+
 # --- saving refuses to write an artifact that could not be loaded ------------------------------
 
 BAD_SAVES = [

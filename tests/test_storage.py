@@ -34,12 +34,37 @@ def test_iter_files_recursive_sorted_and_filtered(root):
     for name in names:
         storage.write_bytes(storage.join(root, name), name.encode())
     got = list(storage.iter_files(root, suffixes=".parquet"))
-    expected = ["a.parquet", "z.parquet", "train/part-00000.parquet", "train/part-00001.parquet",
-                "val/sub/part-00000.parquet"]
+    # Full paths in lexicographic order (S3's key order).
+    expected = ["a.parquet", "train/part-00000.parquet", "train/part-00001.parquet",
+                "val/sub/part-00000.parquet", "z.parquet"]
     assert got == [storage.join(root, n) for n in expected]
     assert len(list(storage.iter_files(root))) == len(names)
     # URIs come back in the caller's scheme and can be read directly.
     assert storage.read_bytes(got[0]) == b"a.parquet"
+
+
+def test_local_order_is_s3_key_order_also_where_names_share_a_prefix(tmp_path):
+    # (S3 servers differ here: AWS lists keys in byte order, SeaweedFS folder by folder.)
+    names = ["a.png", "a/b.png", "a-b.png", "a0.png", "ab/c.png", "b.png"]
+    for name in names:
+        storage.write_bytes(storage.join(str(tmp_path), name), b"x")
+    assert list(storage.iter_files(str(tmp_path))) == [storage.join(str(tmp_path), n) for n in sorted(names)]
+
+
+def test_s3_listing_streams_page_by_page(s3_env, monkeypatch):
+    """With 10 keys per page, a key written after the first page was consumed still appears:
+    the listing is fetched as it is consumed, never whole up front."""
+    monkeypatch.setattr(storage, "S3_LIST_PAGE", 10)
+    root = s3_env + "/many"
+    names = [f"img_{i:03d}.png" for i in range(35)] + ["sub/x.png", "sub/y.txt"]
+    for name in names:
+        storage.write_bytes(storage.join(root, name), b"x")
+    listing = storage.iter_files(root, suffixes=".png")
+    first = next(listing)
+    storage.write_bytes(storage.join(root, "zz_late.png"), b"x")
+    got = [first, *listing]
+    expected = sorted(n for n in names if n.endswith(".png")) + ["zz_late.png"]
+    assert got == [storage.join(root, n) for n in expected]
 
 
 def test_iter_files_missing_directory_raises(root):

@@ -340,13 +340,19 @@ def delete(uri: str, *, missing_ok: bool = False, **storage_kw) -> None:
         raise translate_error(uri, e, "delete", **storage_kw) from e
 
 
+S3_LIST_PAGE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+
+
 def iter_files(uri: str, suffixes: str | Iterable[str] | None = None, **storage_kw) -> Iterator[str]:
     """Yield the URIs of all files below ``uri`` (recursive), optionally only those ending in one
     of ``suffixes`` (case-sensitive, e.g. ``(".parquet",)``).
 
-    Lists one directory at a time (files sorted by name, then sub-directories in name order), so
-    a prefix with millions of objects is never held in memory at once. Hidden temporaries written
-    by :func:`write_bytes` (``.name.tmp-*``) are skipped. A missing directory raises
+    Streams: on S3 one page of :data:`S3_LIST_PAGE` keys at a time (``ListObjectsV2`` through
+    botocore's paginator, no delimiter), locally one directory's names at a time, so a prefix with
+    millions of objects is never held in memory. Order: the store's listing order on S3 (full
+    keys in byte order on AWS; some S3-compatible servers list folder by folder), full paths in
+    lexicographic order locally. Hidden temporaries written by :func:`write_bytes`
+    (``.name.tmp-*``) and S3 folder markers are skipped. A missing directory or prefix raises
     :class:`StorageNotFoundError`.
     """
     if isinstance(suffixes, str):
@@ -360,20 +366,53 @@ def iter_files(uri: str, suffixes: str | Iterable[str] | None = None, **storage_
         raise StorageNotFoundError(f"cannot list {uri}: no such directory or prefix")
     if info.type == pafs.FileType.File:
         raise StorageError(f"cannot list {uri}: it is a file, expected a directory or prefix")
-    yield from _walk(fs, uri, root, suffixes, storage_kw)
-
-
-def _walk(fs, uri, directory, suffixes, storage_kw) -> Iterator[str]:
-    with errors(uri, "list", **storage_kw):
-        entries = fs.get_file_info(pafs.FileSelector(directory, recursive=False))
-    files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
-    subdirs = sorted(e.path for e in entries if e.type == pafs.FileType.Directory)
-    del entries
-    for path in files:
+    paths = _iter_s3_keys(uri, root, storage_kw) if is_s3(uri) else _walk_local(uri, root)
+    for path in paths:
         name = posixpath.basename(path)
         if name.startswith(".") and ".tmp-" in name:
             continue
         if suffixes is None or path.endswith(suffixes):
             yield _to_uri(uri, path)
-    for sub in subdirs:
-        yield from _walk(fs, uri, sub, suffixes, storage_kw)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client(settings: S3Settings):
+    # pyarrow's S3 filesystem can only list a prefix whole; botocore pages through it.
+    import botocore.config
+    import botocore.session
+
+    config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
+                                    s3={"addressing_style": "path"} if settings.endpoint else None)
+    return botocore.session.get_session().create_client(
+        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url if settings.endpoint else None,
+        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token, config=config)
+
+
+def _iter_s3_keys(uri: str, root: str, storage_kw: dict) -> Iterator[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = root.partition("/")
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    pages = _s3_client(resolve_s3_settings(**storage_kw)).get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": S3_LIST_PAGE})
+    try:
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                if not obj["Key"].endswith("/"):
+                    yield f"{bucket}/{obj['Key']}"
+    except (BotoCoreError, ClientError) as e:
+        raise translate_error(uri, OSError(str(e)), "list", **storage_kw) from e
+
+
+def _walk_local(uri: str, directory: str) -> Iterator[str]:
+    # Names sorted with a "/" after each folder's name give full paths in lexicographic order.
+    with errors(uri, "list"):
+        with os.scandir(directory) as entries:
+            names = sorted((e.name + "/" if e.is_dir() else e.name) for e in entries)
+    for name in names:
+        path = posixpath.join(directory, name.rstrip("/"))
+        if name.endswith("/"):
+            yield from _walk_local(uri, path)
+        else:
+            yield path

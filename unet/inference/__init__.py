@@ -48,8 +48,8 @@ largest 8-connected component, PNG-encode.
 
 Nothing lost, nothing twice — the design:
 
-* **Work units and parts.** The input listing is streamed (:func:`unet.storage.iter_files` lists
-  one directory at a time) and cut into *chunks*: up to ``chunk_size`` image files in listing
+* **Work units and parts.** The input listing is streamed (:func:`unet.storage.iter_files` yields
+  S3 keys a page at a time, local files a folder at a time) and cut into *chunks*: up to ``chunk_size`` image files in listing
   order, one whole tar archive, or ``chunk_size`` rows of one Parquet file. Each chunk becomes
   exactly one output file named ``part-<sha1 of the chunk's unit keys>.parquet``, so the same
   input gives the same file names and a rerun overwrites instead of duplicating.

@@ -1,0 +1,86 @@
+#!/bin/bash
+# GPU checks on a lent machine (the `device` tool: an H200 with PyTorch but no Ray and no network),
+# as one call:  run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+# DRY=1 bash scripts/gpu_check.sh runs the same steps tiny on this CPU machine first.
+#
+# .gpu/ (git-ignored) is built here beforehand:
+#   * .gpu/site.tar.xz: the packages the GPU image lacks, as cp312 manylinux wheels unpacked and
+#     xz-compressed to fit the 64 MiB transfer (ray's jars/rllib/llm/serve dropped):
+#       pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d /tmp/whl \
+#         ray==2.60.0 pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+#         jsonschema jsonschema-specifications referencing rpds-py albumentations albucore simsimd \
+#         stringzilla imagehash PyWavelets
+#       (cd /tmp/site && for w in /tmp/whl/*.whl; do unzip -qo $w; done)
+#       tar -cf - -C /tmp/site . | xz -T2 -9 > .gpu/site.tar.xz
+#   * .gpu/busi_small: python scripts/downsize_prepared.py runs/busi_prepared .gpu/busi_small 288
+set -u  # the results of one run (2026-11-29) are in README.md, "Measured on a GPU"
+export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+if [ "${DRY:-0}" = 1 ]; then
+  PY=.venv/bin/python; G=""; GI="--gpus-per-worker 0"; EP=2; WU=0; BS=4; SZ=64; NB=16; BUDGET=99999; TRAIN_T=600
+else
+  mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 3
+  export PYTHONPATH=/tmp/site:$PWD
+  PY=python3; G="--use-gpu --amp bf16 --workers 1"; GI="--gpus-per-worker 1"; EP=${EP:-80}; WU=3; BS=16; SZ=256; NB=2000
+  BUDGET=${BUDGET:-480}; TRAIN_T=${TRAIN_T:-330}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee $OUT/env.log
+  nproc | tee -a $OUT/env.log
+fi
+$PY -c "import torch, ray, albumentations, numpy, pyarrow; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__, 'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)" 2>&1 | tee -a $OUT/env.log
+echo "[t=$(el)s] unpacked" | tee -a $OUT/env.log
+
+# 1. BUSI at 256 px on the GPU (train+val shards downsized to long side 288 to fit the transfer)
+echo "[t=$(el)s] train" | tee -a $OUT/env.log
+TRAIN="$PY -m jobs.train --config configs/busi.yaml --data .gpu/busi_small --storage /tmp/runs --name busi-unet-256 --image-size $SZ --batch-size $BS --epochs $EP --warmup-epochs $WU $G"
+timeout -s INT $TRAIN_T $TRAIN > $OUT/train.log 2>&1; rc=$?
+echo "[t=$(el)s] train rc=$rc" | tee -a $OUT/env.log
+if [ $rc != 0 ]; then  # ran out of time: export the best checkpoint so far (a rerun of a finished run only exports)
+  done=$(grep -o "epoch [0-9]*/" $OUT/train.log | tail -1 | tr -dc 0-9)
+  $TRAIN --epochs ${done:-1} >> $OUT/train.log 2>&1; echo "[t=$(el)s] export rc=$?" | tee -a $OUT/env.log
+fi
+tar -cf $OUT/busi-unet-256.tar -C /tmp/runs/busi-unet-256 model 2>/dev/null
+grep -a -E "\[unet.train\]|^run |rror" $OUT/train.log | tail -12
+
+# 2. bulk inference with that model on the GPU vs on the CPU, same archive: masks should agree
+echo "[t=$(el)s] infer" | tee -a $OUT/env.log
+$PY - <<'PY'
+from pathlib import Path
+from jobs.demo import write_archive
+write_archive(Path("/tmp/archive"), 64)
+PY
+M=/tmp/runs/busi-unet-256/model
+$PY -m jobs.infer --model $M --input /tmp/archive --output /tmp/masks_gpu $GI --batch-size 16 > $OUT/infer.log 2>&1; echo "gpu infer rc=$?" | tee -a $OUT/env.log
+$PY -m jobs.infer --model $M --input /tmp/archive --output /tmp/masks_cpu --gpus-per-worker 0 --batch-size 16 >> $OUT/infer.log 2>&1; echo "cpu infer rc=$?" | tee -a $OUT/env.log
+$PY - <<'PY' 2>&1 | tee -a $OUT/env.log
+import io, numpy as np, pyarrow.dataset as ds
+from PIL import Image
+def load(p):
+    t = ds.dataset(p, format="parquet").to_table().to_pylist()
+    return {r["image_id"]: r for r in t}
+g, c = load("/tmp/masks_gpu"), load("/tmp/masks_cpu")
+ok = sum(r["status"] == "ok" for r in g.values())
+agree, px = [], 0
+for k in g:
+    a = np.asarray(Image.open(io.BytesIO(g[k]["mask_png"]))) > 0
+    b = np.asarray(Image.open(io.BytesIO(c[k]["mask_png"]))) > 0
+    agree.append((a == b).mean()); px += (a != b).sum()
+print(f"infer: {len(g)} rows gpu ({ok} ok), {len(c)} cpu; same ids {set(g) == set(c)}; "
+      f"pixel agreement gpu vs cpu: min {min(agree):.5f} mean {np.mean(agree):.6f}; differing pixels {px}")
+PY
+echo "[t=$(el)s] benches" | tee -a $OUT/env.log
+# 3. benches with --gpu while time remains
+export UNET_BENCH_RESULTS=$OUT/bench; mkdir -p $OUT/bench
+run_bench() { if [ $(el) -lt $BUDGET ]; then echo "[t=$(el)s] $*" | tee -a $OUT/env.log; timeout -s INT $(( BUDGET + 60 - $(el) )) $PY -m "$@" >> $OUT/bench.log 2>&1; echo "rc=$?" >> $OUT/bench.log; tail -1 $OUT/bench.log; fi; }
+if [ "${DRY:-0}" = 1 ]; then
+  run_bench bench.train_throughput --num 16 --image-size 64 --epochs 1 --batch-size 4
+  run_bench bench.infer_efficiency --n 32 --batch-size 8
+else
+  run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32
+  run_bench bench.infer_efficiency --gpu --n $NB --batch-size 64 --input-size 256
+  run_bench bench.infer_vs_naive --gpu --n $NB --batch-size 64 --input-size 256 --rounds 1
+fi
+grep -h -E "ratio|images/s|img/s" $OUT/bench.log | tail -20
+(cd $OUT && tar -cf bench.tar bench && rm -rf bench)
+echo "[t=$(el)s] done" | tee -a $OUT/env.log
