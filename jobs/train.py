@@ -59,6 +59,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("val-batch-size", dict(type=int, help="validation images per step (default: --batch-size)")),
     ("image-size", dict(metavar="N|HxW", help="training size")),
     ("augment", dict(action=argparse.BooleanOptionalAction, help="augment the train split")),
+    ("oversample", dict(metavar="YAML", help="train rows of a class n times per epoch, each copy augmented "
+                        "differently, e.g. '{normal: 3}'")),
     ("workers", dict(metavar="N|N-M", help="training workers; N-M = elastic group (Ray Train V2)")),
     ("use-gpu", dict(action=argparse.BooleanOptionalAction, help="one GPU per worker, NCCL")),
     ("cpus-per-worker", dict(type=float, help="CPUs per worker (default: planned from the cluster)")),
@@ -84,7 +86,7 @@ _FLAGS: list[tuple[str, dict]] = [
                              help="refuse requests the cluster cannot hold (off for autoscaling clusters)")),
     ("smoke-test", dict(action="store_true", help="tiny run: 32 px, 2 epochs, small model, phantoms if no --data")),
 ]
-_MAPPINGS = ("model_kwargs", "loss_kwargs")
+_MAPPINGS = ("model_kwargs", "loss_kwargs", "oversample")
 
 
 def build_parser() -> argparse.ArgumentParser:

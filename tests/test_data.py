@@ -171,6 +171,26 @@ def test_augmentation_is_a_function_of_seed_epoch_and_id(local_prepared):
     np.testing.assert_array_equal(d["image"], e["image"])
 
 
+def test_oversample_repeats_a_class_with_its_own_augmentation_per_copy(local_prepared):
+    root, _ = local_prepared
+    batch = table_to_batch(pq.read_table(f"{root}/train/part-00000.parquet"))
+    config = AugmentConfig().always()
+    plain = BatchTransform(SIZE, augment=config, seed=3, epoch=1)(batch)
+    out = BatchTransform(SIZE, augment=config, seed=3, epoch=1, oversample={"normal": 3})(batch)
+    normal = [str(i) for i, c in zip(batch["id"], batch["class"]) if c == "normal"]
+    assert normal, "the shard should hold a normal row"
+    assert list(out["id"]) == [v for i in plain["id"] for v in ([i, f"{i}#1", f"{i}#2"] if i in normal else [i])]
+    assert list(out["class"]).count("normal") == 3 * len(normal) and len(out["image"]) == len(out["mask"])
+    view = {str(i): (out["image"][k], out["mask"][k]) for k, i in enumerate(out["id"])}
+    first = normal[0]
+    np.testing.assert_array_equal(view[first][0], plain["image"][list(plain["id"]).index(first)])
+    assert not np.array_equal(view[first][0], view[f"{first}#1"][0])
+    assert not np.array_equal(view[f"{first}#1"][0], view[f"{first}#2"][0])
+    for bad in ({"normal": 0}, {"normal": 1.5}, {"normal": True}):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            BatchTransform(SIZE, oversample=bad)
+
+
 def test_plain_iterator_batches_and_shuffle(local_prepared):
     root, ids = local_prepared
     batches = list(iter_batches(root, "train", size=SIZE, batch_size=5))
@@ -263,6 +283,19 @@ def test_ray_train_split_augments_per_epoch_reproducibly(ray_local, local_prepar
             np.testing.assert_array_equal(rows[sample_id][1], mask)
         epochs.append(rows)
     assert any(not np.array_equal(epochs[0][i][0], epochs[1][i][0]) for i in ids["train"])
+
+
+def test_ray_train_split_oversamples_like_the_plain_iterator(ray_local, local_prepared):
+    root, ids = local_prepared
+    kw = dict(size=SIZE, augment=AugmentConfig().always(), seed=7, oversample={"normal": 2})
+    rows = by_id({k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in b.items()}
+                 for b in read_split(root, "train", epoch=0, **kw).iter_torch_batches(batch_size=5, collate_fn=collate_torch))
+    normal = [i for i in ids["train"] if int(i[-3:]) % 3 == 2]
+    assert sorted(rows) == sorted(ids["train"] + [f"{i}#1" for i in normal])
+    plain = by_id(iter_batches(root, "train", batch_size=12, epoch=0, **kw))
+    assert sorted(plain) == sorted(rows)
+    for sample_id, (image, mask) in plain.items():
+        np.testing.assert_array_equal(rows[sample_id][0], image)
 
 
 @pytest.mark.slow

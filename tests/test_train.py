@@ -221,6 +221,16 @@ def _config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
     return TrainConfig.from_dict(values, source="test")
 
 
+def test_oversample_flag_and_unknown_classes(phantom_data):
+    from unet.train import build_datasets
+
+    args = build_parser().parse_args(["--oversample", "{normal: 3}", "--data", phantom_data])
+    assert config_from_args(args).oversample == {"normal": 3}
+    with pytest.raises(ValueError, match=r"oversample: class\(es\) \['normals'\] not in the train split of .*"
+                                         r"which has \['benign', 'malignant', 'normal'\]"):
+        build_datasets(_config(phantom_data, "unused", "x", oversample={"normals": 2}))
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A simulated two-node Ray cluster shared by this module's slow tests (one start, ~20 s).

@@ -58,6 +58,7 @@ from torch import nn
 
 from unet import storage
 from unet.cli import UsageError, init_ray, local_ray_options, require_cuda
+from unet.data.dataset import check_oversample
 from unet.losses import DeepSupervisionLoss, build_loss
 from unet.metrics import MetricAccumulator
 from unet.models import build_model
@@ -166,6 +167,8 @@ class TrainConfig:
             ``unet.models.build_model`` (e.g. ``{"channels": [16, 32, 64, 128, 256]}``).
         image_size: training (height, width); default 128x128 (256 is the GPU choice).
         augment: augment the train split (``unet.data.augment`` defaults).
+        oversample: ``{class: n}``: each epoch shows train rows of that class n times, each copy
+            augmented differently, e.g. ``{normal: 3}`` against false lesions on normal images.
     Optimisation:
         loss (+ loss_kwargs): ``dice`` | ``bce`` | ``dice_bce``; UNet++ deep supervision is
             handled by wrapping it in ``DeepSupervisionLoss``.
@@ -204,6 +207,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     image_size: tuple[int, int] = (128, 128)
     augment: bool = True
+    oversample: dict = field(default_factory=dict)
     loss: str = "dice_bce"
     loss_kwargs: dict = field(default_factory=dict)
     optimizer: str = "adamw"
@@ -320,6 +324,13 @@ class TrainConfig:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{where}{name}={value!r} must be a mapping, e.g. {{channels: [16, 32, 64]}}")
             setattr(c, name, json.loads(json.dumps(dict(value))))  # tuples -> lists, JSON-safe
+        if not isinstance(c.oversample or {}, Mapping):
+            raise ValueError(f"{where}oversample={c.oversample!r} must be a mapping of class to copies, "
+                             f"e.g. {{normal: 3}}")
+        try:
+            c.oversample = check_oversample(c.oversample)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from e
         try:
             c.image_size = _parse_size(c.image_size)
         except ValueError as e:
@@ -599,13 +610,27 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.data:
         raise ValueError("no training data: pass --data URI of prepared shards (jobs.prepare), "
                          "or --smoke-test to generate phantoms")
+    if cfg.oversample:
+        _check_classes(cfg.data, cfg.oversample)
     size = tuple(cfg.image_size)
     return {
         "train": read_split(cfg.data, "train", size=size,
                             augment=AugmentConfig() if cfg.augment else None,
-                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib),
+                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib,
+                            oversample=cfg.oversample),
         "val": read_split(cfg.data, "val", size=size).materialize(),
     }
+
+
+def _check_classes(data: str, oversample: Mapping[str, int]) -> None:
+    """A class to oversample that the train split does not have is a typo, not a no-op."""
+    manifest_uri = storage.join(data, "manifest.json")
+    if not storage.exists(manifest_uri):
+        return
+    classes = sorted(k for k in json.loads(storage.read_bytes(manifest_uri))["counts"]["train"] if k != "total")
+    unknown = sorted(set(oversample) - set(classes))
+    if unknown:
+        raise ValueError(f"oversample: class(es) {unknown} not in the train split of {data}, which has {classes}")
 
 
 def make_smoke_data(cfg: TrainConfig) -> str:

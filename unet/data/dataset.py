@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import cv2
@@ -81,6 +81,16 @@ def _decode_png(data: bytes, sample_id: str, column: str) -> np.ndarray:
     return array
 
 
+def check_oversample(oversample: Mapping[str, int] | None) -> dict[str, int]:
+    """``{class: copies}`` validated: class names are strings, copies whole numbers >= 1."""
+    out = {}
+    for cls, copies in dict(oversample or {}).items():
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"oversample[{cls!r}]={copies!r} must be a whole number >= 1 (copies per epoch)")
+        out[str(cls)] = copies
+    return out
+
+
 class BatchTransform:
     """Decode + resize + (augment) + normalise a batch of shard rows.
 
@@ -93,6 +103,9 @@ class BatchTransform:
         epoch_offset: added to the execution counter when ``epoch`` is None — a run resumed at
             epoch k passes k so it does not replay epoch 0's augmentations. Default 0.
         mean, std: intensity normalisation (stored in the model artifact). Defaults 0.5, 0.25.
+        oversample: ``{class: n}`` — each row of that class comes out ``n`` times, every copy
+            augmented with its own seed (copy ``k > 0`` has id ``"<id>#k"``); e.g. ``{"normal": 3}``
+            shows the model more lesion-free images. Default None (each row once).
 
     Call it with a dict of NumPy arrays holding the shard columns ``id``, ``class``, ``image_png``
     and ``mask_png`` (``ray.data`` numpy batches, or :func:`table_to_batch`) and it returns the
@@ -107,7 +120,7 @@ class BatchTransform:
 
     def __init__(self, size: tuple[int, int] = DEFAULT_SIZE, augment: AugmentConfig | None = None,
                  seed: int = 0, epoch: int | None = None, mean: float = DEFAULT_MEAN,
-                 std: float = DEFAULT_STD, epoch_offset: int = 0):
+                 std: float = DEFAULT_STD, epoch_offset: int = 0, oversample: Mapping[str, int] | None = None):
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size={size!r} must be (height, width) with positive integers")
         if std <= 0:
@@ -118,6 +131,7 @@ class BatchTransform:
         self.epoch = epoch
         self.epoch_offset = int(epoch_offset)
         self.mean, self.std = float(mean), float(std)
+        self.oversample = check_oversample(oversample)
         self._augmenter: Augmenter | None = None
 
     def __getstate__(self) -> dict:
@@ -134,10 +148,13 @@ class BatchTransform:
         if missing:
             raise ValueError(f"batch lacks shard column(s) {missing}; got {sorted(batch)}")
         ids = [str(i) for i in batch["id"]]
-        n = len(ids)
+        classes = [str(c) for c in batch["class"]]
+        copies = [self.oversample.get(c, 1) for c in classes]
+        n = sum(copies)
         h, w = self.size
         images = np.empty((n, 1, h, w), dtype=np.float32)
         masks = np.empty((n, 1, h, w), dtype=np.float32)
+        out_ids: list[str] = []
         if self.augment is not None and self._augmenter is None:
             self._augmenter = Augmenter(self.augment, self.size)
         epoch = self._current_epoch() if self.augment is not None else 0
@@ -149,12 +166,17 @@ class BatchTransform:
                                  f"{mask.shape}; they must match")
             image = resize_image(image, self.size)
             mask = (resize_mask(mask, self.size) > 0).astype(np.uint8)
-            if self._augmenter is not None:
-                image, mask = self._augmenter(image, mask, sample_seed(self.seed, epoch, sample_id))
-            images[k, 0] = normalize(image, self.mean, self.std)
-            masks[k, 0] = mask
-        return {"image": images, "mask": masks, "id": np.array(ids, dtype=object),
-                "class": np.array([str(c) for c in batch["class"]], dtype=object)}
+            for copy in range(copies[k]):
+                view_id = f"{sample_id}#{copy}" if copy else sample_id
+                view_image, view_mask = image, mask
+                if self._augmenter is not None:
+                    view_image, view_mask = self._augmenter(image, mask, sample_seed(self.seed, epoch, view_id))
+                images[len(out_ids), 0] = normalize(view_image, self.mean, self.std)
+                masks[len(out_ids), 0] = view_mask
+                out_ids.append(view_id)
+        out_classes = [c for c, m in zip(classes, copies) for _ in range(m)]
+        return {"image": images, "mask": masks, "id": np.array(out_ids, dtype=object),
+                "class": np.array(out_classes, dtype=object)}
 
 
 def _ray_execution_index() -> int:
@@ -202,7 +224,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                epoch: int | None = None, epoch_offset: int = 0, shuffle: bool | None = None,
                batch_size: int = 32,
                num_cpus: float = 0.5, concurrency: int | None = None,
-               max_block_mib: float | None = None,
+               max_block_mib: float | None = None, oversample: Mapping[str, int] | None = None,
                mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
                endpoint: str | None = None, access_key: str | None = None,
                secret_key: str | None = None, region: str | None = None):
@@ -225,6 +247,8 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
             (set, it selects Ray Data's V2 Parquet reader, which can split a shard),
             in MiB; None = Ray's default (128 MiB). Lower it (e.g. 16) when the object store is
             small (< ~1 GiB): reads that outgrow the store's free space are spilled to disk.
+        oversample: ``{class: n}``: rows of that class n times per pass, each copy augmented
+            differently (see :class:`BatchTransform`). Default None.
         mean, std: normalisation. Defaults 0.5, 0.25.
         endpoint, access_key, secret_key, region: S3 settings (default: AWS_* environment).
 
@@ -250,7 +274,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
     transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std,
-                               epoch_offset=epoch_offset)
+                               epoch_offset=epoch_offset, oversample=oversample)
     ds = ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                         concurrency=concurrency)
     if max_block_mib is not None:
@@ -301,6 +325,7 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                  batch_size: int = 16, augment: AugmentConfig | bool | None = None, seed: int = 0,
                  epoch: int = 0, shuffle: bool = False, drop_last: bool = False,
                  mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
+                 oversample: Mapping[str, int] | None = None,
                  **storage_kw: Any) -> Iterator[dict[str, np.ndarray]]:
     """The same batches as :func:`read_split`, without Ray: read shards one at a time with pyarrow.
 
@@ -318,7 +343,7 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     transform = BatchTransform(size=size, augment=augment or None, seed=seed, epoch=epoch,
-                               mean=mean, std=std)
+                               mean=mean, std=std, oversample=oversample)
     shards = shard_uris(uri, split, **storage_kw)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF])
     if shuffle:
