@@ -324,9 +324,6 @@ class TrainConfig:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{where}{name}={value!r} must be a mapping, e.g. {{channels: [16, 32, 64]}}")
             setattr(c, name, json.loads(json.dumps(dict(value))))  # tuples -> lists, JSON-safe
-        if not isinstance(c.oversample or {}, Mapping):
-            raise ValueError(f"{where}oversample={c.oversample!r} must be a mapping of class to copies, "
-                             f"e.g. {{normal: 3}}")
         try:
             c.oversample = check_oversample(c.oversample)
         except ValueError as e:

@@ -83,6 +83,8 @@ def _decode_png(data: bytes, sample_id: str, column: str) -> np.ndarray:
 
 def check_oversample(oversample: Mapping[str, int] | None) -> dict[str, int]:
     """``{class: copies}`` validated: class names are strings, copies whole numbers >= 1."""
+    if not isinstance(oversample or {}, Mapping):
+        raise ValueError(f"oversample={oversample!r} must be a mapping of class to copies, e.g. {{normal: 3}}")
     out = {}
     for cls, copies in dict(oversample or {}).items():
         if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
