@@ -621,10 +621,11 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
 def _check_classes(data: str, oversample: Mapping[str, int]) -> None:
     """A class to oversample that the train split does not have is a typo, not a no-op."""
-    manifest_uri = storage.join(data, "manifest.json")
-    if not storage.exists(manifest_uri):
+    from unet.prepare import MANIFEST, read_manifest
+
+    if not storage.exists(storage.join(data, MANIFEST)):
         return
-    classes = sorted(k for k in json.loads(storage.read_bytes(manifest_uri))["counts"]["train"] if k != "total")
+    classes = sorted(k for k in read_manifest(data)["counts"]["train"] if k != "total")
     unknown = sorted(set(oversample) - set(classes))
     if unknown:
         raise ValueError(f"oversample: class(es) {unknown} not in the train split of {data}, which has {classes}")
