@@ -4,7 +4,7 @@ Writes ~500 MB of prepared shards (incompressible noise PNGs, generated quickly 
 encoded images), starts Ray with a 100 MB object store, and streams the train split through the
 full pipeline (decode, resize, augment, normalise, local shuffle buffer, torch collate) while a
 background thread samples the object store usage (plasma), spilled bytes, and the total memory of
-the driver and all Ray processes (sum of PSS from /proc, so shared pages count once).
+the driver and all Ray processes (sum of PSS, so shared pages count once).
 
 Bounded means: peak plasma use stays within the object store (no growth with dataset size),
 nothing needs to be spilled to disk, and the process memory is flat rather than growing with the
@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MiB, descendants, rss_pss, work_dir  # noqa: E402
+from bench.harness import work_dir  # noqa: E402
+from bench.memory import MiB, tree_memory  # noqa: E402
 from unet.data import AugmentConfig, collate_torch, read_split  # noqa: E402
 
 
@@ -103,7 +104,7 @@ class Sampler(threading.Thread):
                 "t": round(time.monotonic() - start, 2), "rows": self.rows,
                 "plasma_mib": int(plasma.group(1)) if plasma else 0,
                 "spilled_mib": int(spilled.group(1)) if spilled else 0,
-                "pss_mib": round(sum(rss_pss(p)[1] for p in descendants(os.getpid())) / MiB, 1),
+                "pss_mib": round(tree_memory(os.getpid()).pss / MiB, 1),
             })
             self._stop_event.wait(self.interval)
 

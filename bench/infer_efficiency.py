@@ -8,14 +8,14 @@ unpickles the model: tens of seconds on a loaded 2-CPU machine, the same for any
 plus the per-image work. The job's rate is therefore taken from the moment the model actor gets
 its first batch to the end of the pipeline (all rows post-processed and delivered to the driver,
 which writes the Parquet parts): the rate of the whole pipeline once it runs. The timeline comes
-from Ray Data's own log of the job (``bench.common.ray_data_timeline``). Also reported: the rate
+from Ray Data's own log of the job (``bench.harness.ray_data_timeline``). Also reported: the rate
 over the whole run (n / ``wall_s`` of the job's summary, start-up included) and the archive size
 from which that one reaches the goal too.
 
 Denominator: the model alone on tensors already in memory, same model, batch size and torch
 threads (the actor uses ``int(cpus_per_worker)`` threads): what ``Predictor`` does per batch
 (normalise, channels-last, forward under ``inference_mode``, sigmoid) on the same images decoded
-in advance, in this process, before and after the job (``bench.common.model_only_throughput``);
+in advance, in this process, before and after the job (``model_only_throughput`` below);
 the mean of the two is used. This is the ratio printed last.
 
 Diagnostic, robust to the machine's load: the model actor's own time inside ``Predictor``, from
@@ -41,27 +41,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (
+from bench.archives import decoded_inputs, make_artifact, seaweedfs, upload_tree, write_input
+from bench.harness import (
     add_infer_args,
     announce_machine,
-    decoded_inputs,
     finish,
     infer_job_args,
-    make_artifact,
     measure_infer_job,
-    model_only_throughput,
     say,
-    seaweedfs,
     set_threads,
-    upload_tree,
     work_dir,
-    write_input,
 )
 
 GOAL = 0.90
@@ -77,6 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_only_throughput(model, x: np.ndarray, *, batch_size: int, mean: float, std: float,
+                          device: str = "cpu", warmup_batches: int = 1) -> dict:
+    """Images/s of exactly what ``unet.inference.Predictor`` does per batch on the model device —
+    BatchNorm folded into the convs, normalised channels-last input, forward under inference mode
+    (fp16 autocast on CUDA), sigmoid, copy back — with the uint8 batch already in memory: no
+    decoding, no Ray, no I/O."""
+    import torch
+
+    from unet.models import fuse_conv_bn
+    from unet.transforms import normalize
+
+    model = fuse_conv_bn(model).to(device).to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+    def run(batch):
+        inputs = torch.from_numpy(normalize(batch, mean, std)[:, None]).to(device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), amp:
+            p = torch.sigmoid(model(inputs).float())
+        return p[:, 0].cpu().numpy()
+
+    for b in batches[:warmup_batches]:
+        run(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        run(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"images": len(x), "seconds": round(seconds, 3), "images_per_s": len(x) / seconds,
+            "loadavg_1m": round(os.getloadavg()[0], 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from unet.artifact import load_artifact
@@ -87,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         input_path = write_input(args.input_kind, work / "input", args.n, size)
         model_ref = args.model or str(make_artifact(work / "model", input_size=isz))
         loaded = load_artifact(model_ref)
-        cfg = loaded.config
-        isz = tuple(cfg["input_size"])
-        mean, std = cfg["normalization"]["mean"], cfg["normalization"]["std"]
+        isz, mean, std = loaded.settings.input_size, loaded.settings.mean, loaded.settings.std
         x = decoded_inputs(args.input_kind, input_path, isz)
         device = "cuda" if args.gpu else "cpu"
         threads = max(1, int(args.cpus_per_worker))  # what Predictor sets on CPU

@@ -35,17 +35,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (
+from bench.archives import make_artifact, write_input
+from bench.harness import (
     add_infer_args,
     announce_machine,
     count_ok_rows,
     finish,
     infer_job_args,
-    make_artifact,
     run_job,
     say,
     work_dir,
-    write_input,
 )
 
 GOAL = 1.2

@@ -11,7 +11,7 @@ naive loop: that many threads in one process).
 
 The job runs as its own process with a fresh local Ray (``python -m jobs.infer``). Its rate is
 taken from the model actor's first batch to the end of the pipeline, from Ray Data's log of the
-job (``bench.common.measure_infer_job``): the fixed start-up of a run (Ray starting the actor's
+job (``bench.harness.measure_infer_job``): the fixed start-up of a run (Ray starting the actor's
 process, importing torch; tens of seconds on a loaded 2-CPU machine) is left out because it does
 not grow with the archive. The rate over the whole run (start-up included) is reported too. Runs
 are interleaved (naive, job, naive, job, ..., naive; ``--rounds`` jobs): each job is divided by the
@@ -43,19 +43,17 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (
+from bench.archives import iter_input_images, make_artifact, write_input
+from bench.harness import (
     add_infer_args,
     announce_machine,
     finish,
     infer_job_args,
-    iter_input_images,
-    make_artifact,
     measure_infer_job,
     median,
     say,
     set_threads,
     work_dir,
-    write_input,
 )
 
 GOAL = 1.3
@@ -162,9 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         input_path = write_input(args.input_kind, work / "input", args.n, (args.size, args.size))
         model_ref = args.model or str(make_artifact(work / "model", input_size=(args.input_size,) * 2))
         loaded = load_artifact(model_ref)
-        cfg = loaded.config
-        isz = tuple(cfg["input_size"])
-        mean, std, threshold = cfg["normalization"]["mean"], cfg["normalization"]["std"], cfg["threshold"]
+        settings = loaded.settings
+        isz, mean, std, threshold = settings.input_size, settings.mean, settings.std, settings.threshold
         device = "cuda" if args.gpu else "cpu"
         job_threads = args.workers * max(1, int(args.cpus_per_worker))
         threads = args.naive_threads or job_threads

@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, announce_machine, finish, job_env, median, say, set_threads
+from bench.harness import REPO, announce_machine, finish, job_env, median, say, set_threads
 
 GOAL = 1.0
 CHANNELS = (16, 32, 64, 128, 256)

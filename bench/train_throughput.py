@@ -42,7 +42,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import announce_machine, finish, median, run_job, say, set_threads, work_dir
+from bench.harness import announce_machine, finish, median, run_job, say, set_threads, work_dir
 
 GOAL = 0.85
 
@@ -54,7 +54,7 @@ def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed
 
     from unet.data import iter_batches
     from unet.models import build_model
-    from unet.train import TrainConfig, _autocast, build_loss_fn, build_optimizer
+    from unet.training import TrainConfig, autocast, build_loss_fn, build_optimizer
 
     cfg = TrainConfig(data=data, batch_size=batch_size, image_size=(image_size, image_size), seed=seed,
                       amp=amp, use_gpu=device == "cuda").validated()
@@ -73,7 +73,7 @@ def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed
             x = torch.from_numpy(batch["image"]).to(dev)
             y = torch.from_numpy(batch["mask"]).to(dev)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(cfg, dev):
+            with autocast(cfg.amp, dev):
                 loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()

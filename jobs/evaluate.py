@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = _device(args.device)
     loaded = load_artifact(args.model, device=device)
-    log(f"model {loaded.model_id} ({loaded.config['architecture']}) on {device}; "
+    log(f"model {loaded.model_id} ({loaded.settings.architecture}) on {device}; "
         f"scoring {args.data} split {args.split}")
     result = evaluate(loaded, args.data, args.split, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
                       seed=args.seed, threshold=args.threshold, device=device, model_ref=args.model,

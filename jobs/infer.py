@@ -31,7 +31,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from unet.cli import init_ray, run_main
+from unet.cli import run_main
+from unet.runtime import init_ray
 
 _MIB = 1024 * 1024
 

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="(phantoms) image size in pixels")
     src.add_argument("--seed", type=int, default=0,
                      help="seed of the split order (and of phantom generation)")
+    src.add_argument("--max-side", type=int, default=None, metavar="PX",
+                     help="(busi) shrink images and masks whose longer side is over PX (splits are the "
+                          "same as without it); e.g. 288 for training at 256 px from smaller shards")
     src.add_argument("--strict", action="store_true",
                      help="fail (exit 2) on any bad source file instead of skipping it with a warning "
                           "(missing mask, mask/image size mismatch, unreadable file, mask without image)")
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[prepare] %(levelname)s %(message)s", stream=sys.stderr)
     config = PrepareConfig(source=args.source, out=args.out, input=args.input, num=args.num, seed=args.seed,
                            size=args.size, ratios=args.ratios, shard_size=args.shard_size,
-                           hash_threshold=args.hash_threshold, strict=args.strict)
+                           hash_threshold=args.hash_threshold, strict=args.strict, max_side=args.max_side)
     started = time.monotonic()
     last = [0.0]
 

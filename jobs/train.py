@@ -9,7 +9,7 @@
     ray job submit --working-dir . -- python -m jobs.train --config configs/busi.yaml --workers 2-8 \
         --data s3://bucket/busi-prepared --storage s3://bucket/runs
 
-Settings come from, later ones winning: the defaults (``unet.train.TrainConfig``), ``--config``
+Settings come from, later ones winning: the defaults (``unet.training.TrainConfig``), ``--config``
 (YAML or TOML, keys = the long flag names with ``_`` or ``-``), the flags, then ``--set key=value``
 (value parsed as YAML; ``model_kwargs.channels=[16,32,64]`` sets one key of a mapping).
 ``--print-config`` shows the result and exits.
@@ -39,20 +39,24 @@ import sys
 from collections.abc import Sequence
 
 from unet.cli import run_main
+from unet.losses import LOSSES
+from unet.models import MODELS
+from unet.training import (AMP_DTYPES, MONITORS, OPTIMIZERS, PLACEMENT_STRATEGIES, SCHEDULES, TrainConfig,
+                           fit, load_config_file)
 
 # The settings that get a flag of their own; every TrainConfig field also works with --set.
 _FLAGS: list[tuple[str, dict]] = [
     ("data", dict(metavar="URI", help="prepared shards (output of jobs.prepare): local dir or s3://")),
-    ("model", dict(choices=("unet", "attention_unet", "unet_plus_plus"), help="architecture")),
+    ("model", dict(choices=tuple(MODELS), help="architecture")),
     ("model-kwargs", dict(metavar="YAML", help="build_model arguments as a YAML/JSON mapping, "
                           "e.g. '{channels: [16,32,64,128,256], dropout: 0.07}'")),
-    ("loss", dict(choices=("dice", "bce", "dice_bce"), help="loss")),
+    ("loss", dict(choices=tuple(LOSSES), help="loss")),
     ("loss-kwargs", dict(metavar="YAML", help="loss arguments, e.g. '{dice_weight: 1, bce_weight: 0.5}'")),
-    ("optimizer", dict(choices=("adamw", "sgd"), help="optimiser")),
+    ("optimizer", dict(choices=tuple(OPTIMIZERS), help="optimiser")),
     ("lr", dict(type=float, help="peak learning rate")),
     ("weight-decay", dict(type=float, help="weight decay")),
     ("momentum", dict(type=float, help="SGD momentum (Nesterov)")),
-    ("schedule", dict(choices=("poly", "cosine", "constant"), help="LR decay after warm-up, per epoch")),
+    ("schedule", dict(choices=tuple(SCHEDULES), help="LR decay after warm-up, per epoch")),
     ("warmup-epochs", dict(type=int, help="epochs of linear LR warm-up")),
     ("epochs", dict(type=int, help="total epochs (raising it on a finished run continues training)")),
     ("batch-size", dict(type=int, help="training images per step per worker")),
@@ -68,15 +72,15 @@ _FLAGS: list[tuple[str, dict]] = [
     ("data-cpus", dict(type=float, help="CPUs kept free for Ray Data (decode/augment)")),
     ("max-block-mib", dict(type=float, help="bound Ray Data's read units to this many MiB (for shards "
                                             "much larger than the object store; default: one shard)")),
-    ("placement-strategy", dict(choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    ("placement-strategy", dict(choices=PLACEMENT_STRATEGIES,
                                 help="how workers are placed on nodes")),
-    ("amp", dict(choices=("none", "bf16", "fp16"), help="mixed precision (fp16: GPU only)")),
+    ("amp", dict(choices=tuple(AMP_DTYPES), help="mixed precision (fp16: GPU only)")),
     ("seed", dict(type=int, help="seed for weights, augmentation and shuffling")),
     ("storage", dict(metavar="URI", help="where runs live: local dir or s3://bucket/prefix")),
     ("name", dict(help="run name; the run is <storage>/<name> (default: the model name)")),
     ("export", dict(metavar="URI", help="model artifact destination (default <storage>/<name>/model)")),
     ("keep", dict(type=int, help="best checkpoints kept by --monitor (plus the latest)")),
-    ("monitor", dict(choices=("val_dice", "val_dice_per_image", "val_iou", "val_iou_per_image"),
+    ("monitor", dict(choices=MONITORS,
                      help="validation score that picks the best checkpoint (val_dice: summed counts)")),
     ("max-failures", dict(type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")),
     ("address", dict(help="Ray cluster to join, or 'auto' for this machine's `ray start` cluster "
@@ -91,8 +95,6 @@ _MAPPINGS = ("model_kwargs", "loss_kwargs", "oversample")
 
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
-    from unet.train import TrainConfig
-
     defaults = dataclasses.asdict(TrainConfig())
     p = argparse.ArgumentParser(
         prog="python -m jobs.train",
@@ -124,8 +126,6 @@ def _yaml(text: str, what: str):
 
 def config_from_args(args: argparse.Namespace):
     """Defaults < --config file < flags < --set, validated into a ``TrainConfig``."""
-    from unet.train import TrainConfig, load_config_file
-
     cfg = TrainConfig()
     if args.config:
         cfg = cfg.updated(load_config_file(args.config), source=f"config file {args.config}")
@@ -150,8 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(cfg.resolved().to_dict(), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    from unet.train import fit
-
     command = shlex.join(["python", "-m", "jobs.train", *(sys.argv[1:] if argv is None else argv)])
     outcome = fit(cfg, command=command)
     m = outcome.best_metrics

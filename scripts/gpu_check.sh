@@ -1,19 +1,15 @@
 #!/bin/bash
-# GPU checks on a lent machine (the `device` tool: an H200 with PyTorch but no Ray and no network),
-# as one call:  run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=600)
-# DRY=1 bash scripts/gpu_check.sh runs the same steps tiny on this CPU machine first.
-#
-# .gpu/ (git-ignored) is built here beforehand:
-#   * .gpu/site.tar.xz: the packages the GPU image lacks, as cp312 manylinux wheels unpacked and
-#     xz-compressed to fit the 64 MiB transfer (ray's jars/rllib/llm/serve dropped):
-#       pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d /tmp/whl \
-#         ray==2.60.0 pydantic pydantic_core annotated-types typing-inspection typing_extensions \
-#         jsonschema jsonschema-specifications referencing rpds-py albumentations albucore simsimd \
-#         stringzilla imagehash PyWavelets
-#       (cd /tmp/site && for w in /tmp/whl/*.whl; do unzip -qo $w; done)
-#       tar -cf - -C /tmp/site . | xz -T2 -9 > .gpu/site.tar.xz
-#   * .gpu/busi_small: python scripts/downsize_prepared.py runs/busi_prepared .gpu/busi_small 288
+# The checks that need a GPU, in one script (a lent GPU machine is billed per call):
+#   1. training on the GPU: jobs.train --use-gpu --amp bf16 (NCCL) on BUSI at 256 px; the log's
+#      per-epoch lines show images/s and the share of time the worker waited for data;
+#   2. bulk inference on the GPU (fp16 autocast) against the same job on the CPU, same archive:
+#      the same ids come back and the masks agree pixel for pixel (up to fp16 rounding);
+#   3. the benchmarks' --gpu modes while time remains (train_throughput, infer_efficiency,
+#      infer_vs_naive), results under $OUT/bench.
+# DRY=1 runs the same steps tiny on the CPU, to catch script errors before device time is spent.
+# Inputs: .gpu/busi_small (python -m jobs.prepare ... --max-side 288, train/val of BUSI) and, on a
+# machine without Ray, .gpu/site.tar.xz (the missing packages unpacked into one tarball); see
+# docs/operations.md, "Running the GPU checks".
 set -u  # the results of one run (2026-11-29) are in README.md, "Measured on a GPU"
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
@@ -31,7 +27,7 @@ fi
 $PY -c "import torch, ray, albumentations, numpy, pyarrow; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__, 'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)" 2>&1 | tee -a $OUT/env.log
 echo "[t=$(el)s] unpacked" | tee -a $OUT/env.log
 
-# 1. BUSI at 256 px on the GPU (train+val shards downsized to long side 288 to fit the transfer)
+# 1. BUSI at 256 px on the GPU (shards prepared with --max-side 288)
 echo "[t=$(el)s] train" | tee -a $OUT/env.log
 TRAIN="$PY -m jobs.train --config configs/busi.yaml --data .gpu/busi_small --storage /tmp/runs --name busi-unet-256 --image-size $SZ --batch-size $BS --epochs $EP --warmup-epochs $WU $G"
 timeout -s INT $TRAIN_T $TRAIN > $OUT/train.log 2>&1; rc=$?

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3-protocol server on loopback (see ``tests/s3server.py``).
+"""Shared fixtures: a real S3-protocol server on loopback (see ``unet/testing/s3server.py``).
 
 ``s3_server`` (session) starts SeaweedFS, or moto's server when ``weed`` is missing
 (``UNET_TEST_S3=moto`` forces the fallback); ``s3_env`` points the AWS_* variables at it and
@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.s3server import running_s3_server
+from unet.testing.s3server import running_s3_server
 
 
 @pytest.fixture(scope="session")

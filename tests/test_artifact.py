@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -11,7 +12,14 @@ import safetensors.torch
 import torch
 
 from unet import artifact
-from unet.artifact import CONFIG_NAME, WEIGHTS_NAME, list_pretrained, load_artifact, save_artifact
+from unet.artifact import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelSettings,
+    list_pretrained,
+    load_artifact,
+    save_artifact,
+)
 from unet.models import MODELS, build_model
 
 TINY = [4, 8, 16]
@@ -77,6 +85,65 @@ def test_round_trip_gives_identical_outputs(tmp_path, name):
     assert config["threshold"] == 0.4 and config["provenance"]["val_dice"] == 0.5
     assert config["weights_sha256"] == sha
     assert config == json.loads((tmp_path / "model" / CONFIG_NAME).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_loaded_settings_are_typed_and_predict_gives_final_logits(tmp_path, name):
+    model = _trained(name)
+    dest = Path(_save(model, tmp_path / "model", name=name))
+    _edit_config(dest, normalization={"mean": 0, "std": 1})  # JSON ints, as a hand-written config may hold
+    loaded = load_artifact(dest)
+    settings = loaded.settings
+    assert settings == ModelSettings(name, (128, 128), mean=0.0, std=1.0, threshold=0.4)
+    assert type(settings.input_size) is tuple and all(type(v) is int for v in settings.input_size)
+    assert all(type(v) is float for v in (settings.mean, settings.std, settings.threshold))
+    assert settings.normalization == {"mean": 0.0, "std": 1.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.threshold = 0.9  # type: ignore[misc]
+
+    x = torch.rand(2, 1, 37, 53)
+    logits = loaded.predict(x)
+    assert logits.shape == (2, 1, 37, 53) and not logits.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
+    if name == "unet_plus_plus":  # deep supervision: in training mode predict still gives the final head
+        loaded.model.train()
+        with torch.no_grad():
+            torch.manual_seed(1)  # the same dropout masks in both passes
+            heads = loaded.model(x)
+        assert isinstance(heads, list) and len(heads) == 2
+        torch.manual_seed(1)
+        torch.testing.assert_close(loaded.predict(x), heads[-1], rtol=0, atol=0)
+
+
+def test_threshold_override_is_checked_and_leaves_the_rest():
+    settings = ModelSettings("unet", [64, 96], mean=0.5, std=0.25, threshold=0.5)
+    assert settings.input_size == (64, 96)
+    assert settings.with_threshold(None) is settings
+    assert settings.with_threshold(0.3) == ModelSettings("unet", (64, 96), 0.5, 0.25, 0.3)
+    for bad in (0.0, 1.0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="threshold must be a probability in"):
+            settings.with_threshold(bad)
+
+
+BAD_SETTINGS = [
+    ({"input_size": (128,)}, "input_size"),
+    ({"input_size": (128, 0)}, "input_size"),
+    ({"input_size": (128.0, 128)}, "input_size"),
+    ({"mean": "0.5"}, r"normalization\['mean'\]"),
+    ({"std": float("nan")}, r"normalization\['std'\]"),
+    ({"std": -1.0}, r"normalization\['std'\] must be > 0"),
+    ({"threshold": 0.0}, "threshold"),
+    ({"threshold": None}, "threshold"),
+    ({"architecture": ""}, "architecture"),
+]
+
+
+@pytest.mark.parametrize(("changes", "key"), BAD_SETTINGS)
+def test_invalid_settings_are_refused_naming_the_key(changes, key):
+    values = {"architecture": "unet", "input_size": (64, 64), "mean": 0.5, "std": 0.25, "threshold": 0.5}
+    with pytest.raises(ValueError, match=key):
+        ModelSettings(**{**values, **changes})
 
 
 def test_weights_are_plain_safetensors(tmp_path):
@@ -229,7 +296,12 @@ BAD_CONFIG_VALUES = [
     ({"model_kwargs": {"channels": [4, 8, 16], "norm": "none"}}, "missing keys"),
     ({"format_version": 99}, "newer"),
     ({"threshold": "high"}, "threshold"),
+    ({"threshold": 1}, "threshold"),
     ({"input_size": [128]}, "input_size"),
+    ({"input_size": [128, "128"]}, "input_size"),
+    ({"normalization": {"mean": 0.5, "std": 0}}, r"normalization\['std'\]"),
+    ({"normalization": {"mean": None, "std": 0.25}}, r"normalization\['mean'\]"),
+    ({"normalization": {"mean": 0.5}}, "normalization must be a dict with exactly 'mean' and 'std'"),
     ({"weights_sha256": "abc"}, "weights_sha256"),
 ]
 

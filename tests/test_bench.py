@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory import tree_memory
+
 REPO = Path(__file__).resolve().parents[1]
 RATIO_LINE = re.compile(r"^ratio \S+ = \d+\.\d\d \(goal [<>]= \d+\.\d\d\) (MET|NOT MET)$")
 
@@ -62,3 +64,17 @@ def test_data_memory_benchmark_streams_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["rows"] == result["expected_rows"] == 60
+
+
+def test_tree_memory_counts_a_process_and_its_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mem = tree_memory(os.getpid())
+        assert mem.processes >= 2  # this process and the child (pytest may have more)
+        assert 0 < mem.uss <= mem.pss <= mem.rss
+        alone = tree_memory(child.pid)
+        assert alone.processes == 1 and alone.pss > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert tree_memory(child.pid) == (0, 0, 0, 0)  # gone: nothing to count

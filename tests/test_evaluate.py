@@ -32,16 +32,11 @@ from jobs.evaluate import main as evaluate_main
 from unet import metrics as M
 from unet import storage
 from unet.artifact import load_artifact, save_artifact
+from unet.settings import ModelSettings
 from unet.cli import run_main
-from unet.evaluation import (
-    ModelSettings,
-    bootstrap_ci,
-    evaluate,
-    predict_probabilities,
-    summarize,
-    write_outputs,
-)
-from unet.models import build_model
+from unet.evaluation import evaluate, predict_probabilities, write_outputs
+from unet.statistics import bootstrap_ci, summarize
+from unet.models import SegmentationModel, build_model
 from unet.phantoms import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,10 +204,10 @@ def test_bootstrap_ci_properties():
     assert 1.0 <= lo <= hi <= 3.0
 
 
-class _DarkIsLesion(torch.nn.Module):
+class _DarkIsLesion(SegmentationModel):
     """A transparent 'model': logits = -k * input, so darker pixels get higher probability."""
 
-    def forward(self, x):
+    def forward_padded(self, x):
         return -8.0 * x
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unet.cli import UsageError
-from unet.train import TrainConfig, fit, local_ray_options
+from unet.runtime import UsageError, local_ray_options
+from unet.training import TrainConfig, fit
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only-torch path")]
@@ -87,7 +87,7 @@ def test_infer_gpu_actors_refused_or_scheduled_on_the_gpu_node(gpu_cluster, tmp_
         inf.run_inference(inf.InferenceConfig(model=str(model), input=str(tmp_path / "in"),
                                               output=str(tmp_path / "out"), **kw))
 
-    with pytest.raises(ValueError, match=r"--workers 3 x --gpus-per-worker 1 needs 3 GPUs but the Ray cluster has 2"):
+    with pytest.raises(UsageError, match=r"--workers 3 x --gpus-per-worker 1 needs 3 GPUs but the Ray cluster has 2"):
         run(workers=3, gpus_per_worker=1, cpus_per_worker=0.25)
     with pytest.raises(UsageError, match=rf"--gpus-per-worker: Ray gave the task GPU \d on node {gpu_cluster[:8]}"):
         run(workers=2, gpus_per_worker=1, cpus_per_worker=0.25)

@@ -29,12 +29,13 @@ from PIL import Image
 from unet import inference as inf
 from unet import storage
 from unet.artifact import load_artifact, save_artifact
-from unet.inference.model import CRASH_ENV
+from unet.faults import DRILL_ENV, drill
 from unet.inference.output import PIPELINE_SCHEMA, PartAssembler
 from unet.inference.plan import Chunk, DoneIndex, PlanWriter, plan_inputs, subtract_ranges
 from unet.inference.read import read_and_decode
 from unet.models import build_model
 from unet.phantoms import generate
+from unet.runtime import UsageError
 from unet.transforms import preprocess, resize_probability
 
 REPO = Path(__file__).resolve().parents[1]
@@ -481,7 +482,7 @@ def test_killed_actor_mid_run_still_gives_exactly_once_output(ray_local, model_d
     marker = tmp_path / "crashed"
     # The model actor exits on its 3rd batch (after producing output for two); Ray restarts it and
     # retries the batch. Exactly one crash: the marker file remembers it happened.
-    monkeypatch.setenv(CRASH_ENV, f"{marker}:3")
+    monkeypatch.setenv(DRILL_ENV, drill("infer", at=3, marker=marker))
     summary = inf.run_inference(config(model_dir, root, tmp_path / "out", batch_size=2, chunk_size=5))
     assert marker.exists()
     df = read_output(str(tmp_path / "out"))
@@ -544,7 +545,7 @@ def test_workers_leaving_no_cpu_for_reading_are_refused_naming_the_step(ray_loca
     (tmp_path / "in" / "a.png").write_bytes(png(gray(12, 12)))
     # 2 x 0.75 leaves half a CPU, but Ray Data's repartition step asks for a whole one: the run
     # would wait forever, so it is refused before it starts.
-    with pytest.raises(ValueError, match=r"2 x --cpus-per-worker 0.75 = 1.5 CPUs for the model, plus 1 for "
+    with pytest.raises(UsageError, match=r"2 x --cpus-per-worker 0.75 = 1.5 CPUs for the model, plus 1 for "
                                          r"reading and decoding, but the Ray cluster has 2 CPUs"):
         inf.run_inference(config(model_dir, tmp_path / "in", tmp_path / "out", workers=2, cpus_per_worker=0.75))
     assert not (tmp_path / "out").exists() or not part_files(tmp_path / "out")

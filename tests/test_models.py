@@ -24,11 +24,6 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
-def _single(out):
-    """The final logits, whether a model returned a tensor or a deep-supervision list."""
-    return out[-1] if isinstance(out, list) else out
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("size", [(37, 53), (32, 32), (17, 9)])
 def test_forward_backward_any_size(name, size):
@@ -157,6 +152,41 @@ def test_deep_supervision_list_in_training_tensor_in_eval():
     torch.testing.assert_close(final, heads[-1].detach())  # eval returns the final head x_0_L
 
 
+# --- predict: the final logits, whatever the architecture ---------------------------------------
+
+
+def _predict_kwargs(name: str) -> dict:
+    # No dropout, so predict and forward can be compared even in training mode.
+    return {"channels": TINY, "dropout": 0.0, **({"deep_supervision": True} if name == "unet_plus_plus" else {})}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_predict_returns_full_resolution_final_logits_without_grad(name, mode):
+    model = build_model(name, **_predict_kwargs(name)).train(mode == "train")
+    x = torch.rand(2, 1, 37, 53, requires_grad=True)
+    logits = model.predict(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 1, 37, 53)
+    assert not logits.requires_grad, "predict runs without grad"
+    assert model.training == (mode == "train"), "predict leaves the model's mode as it was"
+    with torch.no_grad():
+        out = model(x)
+    if name == "unet_plus_plus" and mode == "train":
+        # Deep supervision in training: forward gives every head; predict gives the final one, x_0_L.
+        assert isinstance(out, list) and len(out) == model.depth
+        assert not torch.equal(logits, out[0])
+        out = out[-1]
+    torch.testing.assert_close(logits, out)
+
+
+def test_predict_of_deep_supervision_is_the_eval_output_in_both_modes():
+    # Without norm or dropout train and eval compute the same function: the train-mode head that
+    # predict picks must be exactly the single tensor eval mode returns.
+    model = build_model("unet_plus_plus", channels=TINY, deep_supervision=True, norm="none", dropout=0.0)
+    x = torch.rand(1, 1, 19, 30)
+    torch.testing.assert_close(model.train().predict(x), model.eval().predict(x))
+
+
 def test_without_deep_supervision_one_tensor_and_one_head():
     model = build_model("unet_plus_plus", channels=TINY)
     assert isinstance(model.train()(torch.rand(2, 1, 16, 16)), torch.Tensor)
@@ -249,5 +279,77 @@ def test_fused_inference_copy_gives_the_same_logits_without_batchnorm(name):
     assert bns > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     x = torch.rand(2, 1, 24, 20)
     with torch.inference_mode():
-        want, got = _single(model.eval()(x)), _single(fused(x))
+        want, got = model.eval().predict(x), fused.predict(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+
+
+# --- pretrained encoder and image-level head -------------------------------------------------------
+
+ENCODER = {"encoder": "efficientnet_lite0", "channels": (4, 8, 8, 16, 16)}
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet"])
+@pytest.mark.parametrize("size", [(64, 64), (50, 71)])
+def test_encoder_unet_any_size_and_every_parameter_trains(name, size):
+    model = build_model(name, **ENCODER)
+    x = torch.rand(2, 1, *size)
+    logits = model(x)
+    assert logits.shape == (2, 1, *size)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_encoder_weights_are_loaded_and_the_artifact_rebuilds_without_them():
+    from unet.models.encoders import build_encoder
+
+    pretrained = build_model("unet", **ENCODER, encoder_weights="imagenet")
+    reference = build_encoder("efficientnet_lite0", 1, "imagenet").state_dict()
+    assert torch.equal(pretrained.encoder.state_dict()["_conv_stem.weight"], reference["_conv_stem.weight"])
+    assert pretrained.input_normalization == {"mean": 127 / 255, "std": 128 / 255}
+    assert pretrained.encoder_provenance["weights_source"]["sha256"].startswith("579344248a93")
+    kwargs = pretrained.model_kwargs()
+    assert kwargs["encoder"] == "efficientnet_lite0" and kwargs["encoder_weights"] is None
+    rebuilt = build_model("unet", **kwargs)
+    rebuilt.load_state_dict(pretrained.state_dict())
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.equal(rebuilt.eval()(x), pretrained.eval()(x))
+    # Random init: the same network, other weights, and the project's default normalisation.
+    random = build_model("unet", **ENCODER)
+    assert not torch.equal(random.encoder.state_dict()["_conv_stem.weight"], reference["_conv_stem.weight"])
+    assert random.input_normalization == {"mean": 0.5, "std": 0.25}
+
+
+def test_encoder_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"channels gives the decoder's filters .* 5 values"):
+        build_model("unet", encoder="efficientnet_lite0", channels=(4, 8, 16))
+    with pytest.raises(ValueError, match="encoder_weights='imagenet' needs an encoder"):
+        build_model("unet", channels=TINY, encoder_weights="imagenet")
+    with pytest.raises(KeyError, match="unknown encoder 'resnet9'; valid names: efficientnet_lite0"):
+        build_model("unet", encoder="resnet9", channels=TINY)
+    with pytest.raises(TypeError, match="unexpected argument"):  # UNet++ is wired for its own encoder
+        build_model("unet_plus_plus", encoder="efficientnet_lite0")
+
+
+@pytest.mark.parametrize("name,kwargs", [("unet", {"channels": TINY}), ("attention_unet", {"channels": TINY}),
+                                         ("unet_plus_plus", {"channels": TINY, "deep_supervision": True}),
+                                         ("unet", ENCODER)])
+def test_image_head_returns_class_logits_beside_the_masks(name, kwargs):
+    model = build_model(name, image_classes=3, **kwargs).train()
+    x = torch.rand(2, 1, 64, 64)
+    masks, classes = model(x)
+    assert classes.shape == (2, 3)
+    final = masks[-1] if isinstance(masks, list) else masks
+    assert final.shape == (2, 1, 64, 64)
+    (final.mean() + classes.square().mean()).backward()
+    assert all(p.grad is not None for p in model.image_head.parameters())
+    model.eval()
+    assert torch.equal(model.predict(x), model.predict_all(x)[0])
+    assert model.predict_all(x)[1].shape == (2, 3)
+    assert build_model(name, **kwargs).eval().predict_all(x)[1] is None  # no head, no class logits
+    assert build_model(name, **model.model_kwargs()).image_classes == 3
+
+
+@pytest.mark.parametrize("value", [1, -1, 2.5, True])
+def test_image_classes_must_be_zero_or_at_least_two(value):
+    with pytest.raises(ValueError, match="image_classes must be 0"):
+        build_model("unet", channels=TINY, image_classes=value)

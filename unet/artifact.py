@@ -10,6 +10,7 @@ An artifact is everything inference needs to reproduce a trained model's predict
                                 "input_size": [h, w],                # the size the model was trained at
                                 "normalization": {"mean": .., "std": ..},
                                 "threshold": 0.5,                    # on sigmoid(logits)
+                                "postprocess": {...},                # optional: gate, min area, ... (unet.settings)
                                 "provenance": {...},                 # command, data, metrics, ... (free form)
                                 "weights_sha256": "...", "num_parameters": N, "unet_version": "..."}
 
@@ -27,13 +28,16 @@ Example:
     ...                      model_kwargs={"channels": [4, 8, 16]}, input_size=(128, 128),
     ...                      normalization={"mean": 0.5, "std": 0.25}, provenance={"command": "doctest"})
     >>> loaded = load_artifact(dest)
+    >>> loaded.settings
+    ModelSettings(architecture='unet', input_size=(128, 128), mean=0.5, std=0.25, threshold=0.5)
     >>> x = torch.rand(1, 1, 40, 40)
-    >>> torch.equal(loaded.model(x), model(x))
+    >>> torch.equal(loaded.predict(x), model(x))
     True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,11 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from . import __version__
-from .models import MODELS, build_model, count_parameters
+from .models import build_model, count_parameters
+from .settings import (ModelSettings, check_architecture, check_input_size, check_normalization, check_postprocess,
+                       check_threshold)
 
 __all__ = [
     "CONFIG_NAME",
@@ -55,6 +62,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "WEIGHTS_NAME",
     "LoadedModel",
+    "ModelSettings",
     "list_pretrained",
     "load_artifact",
     "save_artifact",
@@ -78,11 +86,21 @@ REQUIRED_KEYS = (
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model loaded from an artifact: ``model`` (in eval mode), its ``config``, and ``model_id``."""
+    """A model loaded from an artifact: ``model`` (in eval mode), its ``config``, ``model_id`` and
+    ``settings`` (the :class:`ModelSettings` parsed from ``config``)."""
 
     model: nn.Module
     config: dict
     model_id: str
+    settings: ModelSettings
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits ``(B, out_channels, H, W)`` for a normalised batch, without grad.
+
+        :meth:`unet.models.SegmentationModel.predict`; the input is not resized or normalised
+        (see ``settings``), and the model runs in whatever mode it is in (eval after loading).
+        """
+        return self.model.predict(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,44 +173,7 @@ def _resolve(name_or_path_or_uri: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks shared by save and load. `where` prefixes every message so it names the file at fault.
-
-
-def _check_input_size(value, where: str) -> list[int]:
-    if (
-        isinstance(value, (str, bytes))
-        or not hasattr(value, "__len__")
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)
-    ):
-        raise ValueError(
-            f"{where}input_size must be (height, width) as two positive ints, e.g. (128, 128); got {value!r}"
-        )
-    return [int(v) for v in value]
-
-
-def _check_normalization(value, where: str) -> dict:
-    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
-        raise ValueError(f"{where}normalization must be a dict with exactly 'mean' and 'std'; got {value!r}")
-    for key in ("mean", "std"):
-        v = value[key]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{where}normalization[{key!r}] must be a finite number; got {v!r}")
-    if value["std"] <= 0:
-        raise ValueError(f"{where}normalization['std'] must be > 0; got {value['std']!r}")
-    return {"mean": float(value["mean"]), "std": float(value["std"])}
-
-
-def _check_threshold(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
-        raise ValueError(f"{where}threshold must be a probability in (0, 1), e.g. 0.5; got {value!r}")
-    return float(value)
-
-
-def _check_architecture(value, where: str) -> str:
-    if value not in MODELS:
-        raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(MODELS))}")
-    return value
+# Checks shared by save and load (the value checks live in unet.settings).
 
 
 def _build(architecture: str, model_kwargs, where: str) -> nn.Module:
@@ -245,6 +226,7 @@ def save_artifact(
     input_size: tuple[int, int],
     normalization: dict,
     threshold: float = 0.5,
+    postprocess: dict | None = None,
     provenance: dict | None = None,
     name: str | None = None,
 ) -> str:
@@ -259,6 +241,8 @@ def save_artifact(
         input_size: (height, width) the model was trained at; inference resizes to it.
         normalization: ``{"mean": .., "std": ..}`` used by ``unet.transforms.normalize``.
         threshold: probability threshold for the binary mask. Default 0.5.
+        postprocess: post-processing chosen on validation (``unet.settings.POSTPROCESS_DEFAULTS``
+            keys); omitted = plain thresholding.
         provenance: JSON-serialisable facts about training (command, data URI, metrics, ...).
         name: prefix of ``model_id``; default ``architecture``.
 
@@ -270,7 +254,7 @@ def save_artifact(
     where = f"save_artifact({dest}): "
     if architecture is None:
         architecture = getattr(model, "architecture", None)
-    architecture = _check_architecture(architecture, where)
+    architecture = check_architecture(architecture, where)
     if model_kwargs is None:
         if not hasattr(model, "model_kwargs"):
             raise ValueError(f"{where}model_kwargs is required for a {type(model).__name__}")
@@ -305,9 +289,10 @@ def save_artifact(
         "name": name,
         "architecture": architecture,
         "model_kwargs": model_kwargs,
-        "input_size": _check_input_size(input_size, where),
-        "normalization": _check_normalization(normalization, where),
-        "threshold": _check_threshold(threshold, where),
+        "input_size": check_input_size(input_size, where),
+        "normalization": check_normalization(normalization, where),
+        "threshold": check_threshold(threshold, where),
+        **({"postprocess": check_postprocess(postprocess, where)} if postprocess else {}),
         "provenance": provenance,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "num_parameters": count_parameters(model),
@@ -322,7 +307,7 @@ def save_artifact(
     return dest
 
 
-def _parse_config(data: bytes, config_path: str) -> dict:
+def _parse_config(data: bytes, config_path: str) -> tuple[dict, ModelSettings]:
     where = f"{config_path}: "
     try:
         config = json.loads(data.decode("utf-8"))
@@ -344,20 +329,20 @@ def _parse_config(data: bytes, config_path: str) -> dict:
         raise ValueError(
             f"{where}format_version {version} is newer than this unet supports ({FORMAT_VERSION}); upgrade unet"
         )
-    _check_architecture(config["architecture"], where)
-    _check_input_size(config["input_size"], where)
-    _check_normalization(config["normalization"], where)
-    _check_threshold(config["threshold"], where)
+    settings = ModelSettings.from_config(config, where)
     sha = config["weights_sha256"]
     if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
         raise ValueError(f"{where}weights_sha256 must be 64 lowercase hex digits; got {sha!r}")
     if not isinstance(config.get("provenance", {}), dict):
         raise ValueError(f"{where}provenance must be a JSON object; got {config['provenance']!r}")
-    return config
+    return config, settings
 
 
 def load_artifact(name_or_path_or_uri: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """Load an artifact by pretrained name, local directory or URI; the model comes back in eval mode.
+
+    The config's input size, normalisation and threshold are checked and typed once, here, as
+    ``.settings`` (:class:`ModelSettings`); ``.predict(x)`` gives the final logits.
 
     Raises:
         FileNotFoundError: no such directory/name, or config.json / model.safetensors missing.
@@ -367,8 +352,8 @@ def load_artifact(name_or_path_or_uri: str | os.PathLike, device: str = "cpu") -
     """
     location = _resolve(name_or_path_or_uri)
     config_path = _join(location, CONFIG_NAME)
-    config = _parse_config(_read(location, CONFIG_NAME, CONFIG_NAME), config_path)
-    architecture = config["architecture"]
+    config, settings = _parse_config(_read(location, CONFIG_NAME, CONFIG_NAME), config_path)
+    architecture = settings.architecture
     model = _build(architecture, config["model_kwargs"], f"{config_path}: ")
 
     weights_path = _join(location, WEIGHTS_NAME)
@@ -392,4 +377,4 @@ def load_artifact(name_or_path_or_uri: str | os.PathLike, device: str = "cpu") -
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     name = config.get("name") or architecture
-    return LoadedModel(model=model, config=config, model_id=f"{name}-{sha[:12]}")
+    return LoadedModel(model=model, config=config, model_id=f"{name}-{sha[:12]}", settings=settings)

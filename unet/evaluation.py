@@ -2,8 +2,8 @@
 
 What is measured, and how (the choices a reader needs to trust a number):
 
-* Each image is predicted at the model's own input size (``config["input_size"]``, normalised as
-  its config says, :func:`unet.transforms.preprocess`); the probability map is resized back to the
+* Each image is predicted at the model's own input size (``loaded.settings.input_size``, normalised
+  as its settings say, :func:`unet.transforms.preprocess`); the probability map is resized back to the
   image's ORIGINAL size (:func:`unet.transforms.resize_probability`) and thresholded there
   (``prob >= threshold``), and scored against the original-size mask. So the numbers are what a
   user of ``jobs.infer`` gets, not a score on down-sampled masks.
@@ -29,18 +29,14 @@ Example::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import io
 import json
 import math
-import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -49,33 +45,30 @@ import torch
 
 from unet import metrics as M
 from unet import storage
-from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, preprocess, resize_probability
+from unet.settings import ModelSettings
+from unet.codec import decode_png, encode_mask_png
+from unet.shards import CLASSES, manifest_sha256
+from unet.statistics import summarize
+from unet.transforms import preprocess, resize_probability
 
 __all__ = [
     "CLASSES",
     "Case",
     "EvaluationResult",
-    "bootstrap_ci",
     "evaluate",
     "load_cases",
-    "model_settings",
     "predict_probabilities",
     "read_split",
     "score_image",
-    "summarize",
     "write_outputs",
 ]
 
-CLASSES = ("benign", "malignant", "normal")
-SCORES = ("dice", "iou", "precision", "recall", "hd95")
 # Columns of the per-image table, in order (pred_png only in the Parquet copy).
 PER_IMAGE_COLUMNS = (
     "id", "class", "height", "width", "gt_pixels", "pred_pixels", "tp", "fp", "fn", "tn",
     "dice", "iou", "precision", "recall", "hd95", "mean_prob_in_pred", "shard",
 )  # fmt: skip
 _SHARD_COLUMNS = ["id", "class", "image_png", "mask_png", "height", "width"]
-# Fixed stream ids per group so that one group's CI does not change when another group is added.
-_GROUP_STREAM = {"overall": 0, "benign": 1, "malignant": 2, "normal": 3, "false_lesion": 4, "missed_lesion": 5}
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,20 +84,6 @@ class Sample:
     image: np.ndarray  # (H, W) uint8
     mask: np.ndarray  # (H, W) bool
     shard: str
-
-
-def _decode_png(data: bytes | None, what: str, where: str) -> np.ndarray:
-    if data is None:
-        raise ValueError(f"{where}: {what} is null; re-run jobs.prepare")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"{where}: {what} is not a decodable PNG ({len(data)} bytes)")
-    if img.ndim == 3:  # tolerate colour PNGs; the contract says 8-bit grey
-        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        img = cv2.cvtColor(img, code)
-    if img.dtype != np.uint8:
-        raise ValueError(f"{where}: {what} has dtype {img.dtype}; prepared shards hold 8-bit PNGs")
-    return img
 
 
 def _split_shards(data_uri: str, split: str) -> list[str]:
@@ -151,8 +130,8 @@ def _decode_row(row: dict, shard: str) -> Sample:
     cls = row["class"]
     if cls not in CLASSES:
         raise ValueError(f"{where}: class {cls!r} is not one of {CLASSES}")
-    image = _decode_png(row["image_png"], "image_png", where)
-    mask = _decode_png(row["mask_png"], "mask_png", where) > 0
+    image = decode_png(row["image_png"], sample=row["id"], column="image_png", where=shard)
+    mask = decode_png(row["mask_png"], sample=row["id"], column="mask_png", where=shard) > 0
     size = (int(row["height"]), int(row["width"]))
     if image.shape != size or mask.shape != size:
         raise ValueError(f"{where}: image {image.shape} / mask {mask.shape} do not match "
@@ -160,54 +139,22 @@ def _decode_row(row: dict, shard: str) -> Sample:
     return Sample(str(row["id"]), cls, image, mask, shard)
 
 
-def manifest_sha256(data_uri: str) -> str | None:
-    """sha256 of ``data_uri/manifest.json`` (ties the numbers to the exact prepared data), or None."""
-    uri = storage.join(data_uri, "manifest.json")
-    if not storage.exists(uri):
-        return None
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Prediction and per-image scores
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelSettings:
-    """What evaluation needs from an artifact's config.json."""
-
-    architecture: str
-    input_size: tuple[int, int]
-    mean: float
-    std: float
-    threshold: float
-
-
-def model_settings(config: dict, threshold: float | None = None) -> ModelSettings:
-    """Read input size, normalisation and threshold from an artifact config (clear error if absent)."""
-    try:
-        h, w = (int(v) for v in config["input_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"model config has no valid input_size [h, w] (got "
-                         f"{config.get('input_size')!r}); is it a unet.artifact model?") from e
-    norm = config.get("normalization") or {}
-    thr = float(config.get("threshold", 0.5) if threshold is None else threshold)
-    if not 0.0 < thr < 1.0:
-        raise ValueError(f"threshold must be in (0, 1); got {thr}")
-    return ModelSettings(str(config.get("architecture", "?")), (h, w),
-                         float(norm.get("mean", DEFAULT_MEAN)), float(norm.get("std", DEFAULT_STD)), thr)
-
-
 def predict_probabilities(model: torch.nn.Module, images: Sequence[np.ndarray], settings: ModelSettings,
                           device: torch.device | str = "cpu") -> list[np.ndarray]:
-    """Foreground probability for each (H, W) uint8 image, at that image's original size (float32)."""
+    """Foreground probability for each (H, W) uint8 image, at that image's original size (float32).
+
+    ``model`` is a :class:`unet.models.SegmentationModel` (its ``predict`` gives the final logits);
+    ``settings`` (:class:`unet.artifact.ModelSettings`) gives the input size and normalisation.
+    """
     if not images:
         return []
     x = np.stack([preprocess(img, settings.input_size, settings.mean, settings.std) for img in images])
     with torch.inference_mode():
-        logits = model(torch.from_numpy(x).to(device))
-        if isinstance(logits, (list, tuple)):  # deep supervision in train mode: last = full res
-            logits = logits[-1]
+        logits = model.predict(torch.from_numpy(x).to(device))
         prob = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
     return [resize_probability(p, img.shape[:2]) for p, img in zip(prob, images, strict=True)]
 
@@ -226,117 +173,6 @@ def score_image(prob: np.ndarray, target: np.ndarray, threshold: float) -> tuple
         "mean_prob_in_pred": float(prob[pred].mean()) if pred_pixels else math.nan,
     }
     return record, pred
-
-
-def _encode_mask(mask: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-    if not ok:
-        raise ValueError(f"could not encode a {mask.shape} mask as PNG")
-    return buf.tobytes()
-
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap and summaries
-# --------------------------------------------------------------------------------------------
-
-def bootstrap_ci(values: np.ndarray, *, n_bootstrap: int, seed: int | Sequence[int], ci: float = 0.95,
-                 statistic: str = "mean", pooled: np.ndarray | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of a statistic over images (resampled with replacement).
-
-    ``statistic="mean"``: NaN-ignoring mean of ``values`` (one per image). ``statistic="dice"`` or
-    ``"iou"``: the micro score of summed counts, with ``pooled`` an ``(n, 3)`` array of per-image
-    ``tp, fp, fn``. Resamples whose statistic is undefined (all NaN) are left out of the percentiles.
-    Returns ``(nan, nan)`` for no images or ``n_bootstrap == 0``.
-    """
-    n = len(values) if pooled is None else len(pooled)
-    if n == 0 or n_bootstrap <= 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_bootstrap, dtype=np.float64)
-    # Chunked so memory stays ~ 4M indices whatever the set size.
-    chunk = max(1, min(n_bootstrap, 4_000_000 // n))
-    for start in range(0, n_bootstrap, chunk):
-        stop = min(n_bootstrap, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        if statistic == "mean":
-            v = values[idx]
-            defined = ~np.isnan(v)
-            k = defined.sum(axis=1)
-            s = np.where(defined, v, 0.0).sum(axis=1)
-            stats[start:stop] = np.divide(s, k, out=np.full(len(k), np.nan), where=k > 0)
-        elif statistic in ("dice", "iou"):
-            tp, fp, fn = (pooled[:, j][idx].sum(axis=1) for j in range(3))
-            stats[start:stop] = M.scores_from_counts(tp, fp, fn)[statistic]
-        else:
-            raise ValueError(f"statistic must be 'mean', 'dice' or 'iou'; got {statistic!r}")
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
-        return math.nan, math.nan
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
-def _stat(mean: float, ci: tuple[float, float], **extra: Any) -> dict[str, Any]:
-    return {"mean": mean, "ci_low": ci[0], "ci_high": ci[1], **extra}
-
-
-def _nanmean(v: np.ndarray) -> float:
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if v.size else math.nan
-
-
-def _group_summary(df: pd.DataFrame, *, n_bootstrap: int, seed: int, stream: int, ci: float) -> dict:
-    """Means with CIs for one group of images; every metric uses the same resamples (same seed)."""
-    key = [seed, stream]
-    out: dict[str, Any] = {"images": int(len(df))}
-    for name in SCORES:
-        v = df[name].to_numpy(dtype=np.float64)
-        extra = {}
-        if name == "hd95":
-            defined = int((~np.isnan(v)).sum())
-            extra = {"images_defined": defined, "images_undefined": int(len(v) - defined)}
-        out[name] = _stat(_nanmean(v), bootstrap_ci(v, n_bootstrap=n_bootstrap, seed=key, ci=ci), **extra)
-    pooled = df[["tp", "fp", "fn"]].to_numpy(dtype=np.float64)
-    micro = M.scores_from_counts(*pooled.sum(axis=0)) if len(df) else {"dice": math.nan, "iou": math.nan}
-    for name in ("dice", "iou"):
-        ci_ = bootstrap_ci(np.empty(0), n_bootstrap=n_bootstrap, seed=key, ci=ci, statistic=name, pooled=pooled)
-        out[f"{name}_micro"] = _stat(float(micro[name]), ci_)
-    out["tp"], out["fp"], out["fn"], out["tn"] = (int(df[c].sum()) for c in ("tp", "fp", "fn", "tn"))
-    return out
-
-
-def _rate(flags: np.ndarray, *, n_bootstrap: int, seed: int, stream: int, ci: float) -> dict:
-    v = flags.astype(np.float64)
-    mean = float(v.mean()) if v.size else math.nan
-    return _stat(mean, bootstrap_ci(v, n_bootstrap=n_bootstrap, seed=[seed, stream], ci=ci),
-                 images=int(v.size), count=int(v.sum()))
-
-
-def summarize(per_image: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
-    """Summaries overall, per class (classes present only), and the lesion detection rates.
-
-    Keys: ``overall`` and ``per_class[cls]`` each hold ``images``, ``{dice,iou,precision,recall,
-    hd95}`` and ``{dice,iou}_micro`` as ``{"mean", "ci_low", "ci_high"}`` (hd95 also counts the
-    images where it is defined/undefined) plus summed ``tp, fp, fn, tn``;
-    ``false_lesion_rate`` (normal images with any predicted pixel) and ``missed_lesion_rate``
-    (benign/malignant images with none), each ``{"mean", "ci_low", "ci_high", "images", "count"}``.
-    """
-    if len(per_image) == 0:
-        raise ValueError("no images to summarise: the split is empty")
-    kw = dict(n_bootstrap=n_bootstrap, seed=seed, ci=ci)
-    per_class = {
-        cls: _group_summary(per_image[per_image["class"] == cls], stream=_GROUP_STREAM[cls], **kw)
-        for cls in CLASSES if (per_image["class"] == cls).any()
-    }
-    normal = per_image[per_image["class"] == "normal"]
-    lesion = per_image[per_image["class"] != "normal"]
-    return {
-        "overall": _group_summary(per_image, stream=_GROUP_STREAM["overall"], **kw),
-        "per_class": per_class,
-        "false_lesion_rate": _rate((normal["pred_pixels"] > 0).to_numpy(), stream=_GROUP_STREAM["false_lesion"], **kw),
-        "missed_lesion_rate": _rate((lesion["pred_pixels"] == 0).to_numpy(), stream=_GROUP_STREAM["missed_lesion"], **kw),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +198,7 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
     """Score ``loaded`` (a :class:`unet.artifact.LoadedModel`) on every image of ``data_uri/split``.
 
     Args:
-        loaded: the artifact (``.model`` in eval mode, ``.config``, ``.model_id``).
+        loaded: the artifact (``.model`` in eval mode, ``.config``, ``.model_id``, ``.settings``).
         data_uri: prepared data (local path or ``s3://``), as written by ``jobs.prepare``.
         split: ``train``, ``val`` or ``test``.
         batch_size: images per forward pass (memory, not results, depends on it).
@@ -377,7 +213,7 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if n_bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0; got {n_bootstrap}")
-    settings = model_settings(loaded.config, threshold)
+    settings = loaded.settings.with_threshold(threshold)
     model = loaded.model.to(device).eval()
     records: list[dict] = []
     batch: list[Sample] = []
@@ -387,7 +223,7 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
         for s, prob in zip(batch, probs, strict=True):
             record, pred = score_image(prob, s.mask, settings.threshold)
             records.append({"id": s.id, "class": s.cls, **record, "shard": s.shard,
-                            "pred_png": _encode_mask(pred)})
+                            "pred_png": encode_mask_png(pred)})
         batch.clear()
         if log is not None:
             log(f"scored {len(records)} images")
@@ -482,7 +318,7 @@ def load_cases(result: EvaluationResult, ids: Iterable[str]) -> dict[str, Case]:
     cases = {}
     for s in read_split(result.data_uri, result.split, ids=ids):
         row = table.loc[s.id]
-        pred = _decode_png(row["pred_png"], "pred_png", f"prediction for {s.id!r}") > 0
+        pred = decode_png(row["pred_png"], sample=s.id, column="pred_png", where="stored prediction") > 0
         cases[s.id] = Case(s.id, s.cls, s.image, s.mask, pred, float(row["dice"]))
     missing = ids - cases.keys()
     if missing:
@@ -544,7 +380,3 @@ def write_outputs(result: EvaluationResult, out: str, *, grid: int = 12, extreme
             written[k] = storage.join(out, v)
         return written
 
-
-def read_per_image(path: str | os.PathLike) -> pd.DataFrame:
-    """The per-image Parquet table written by :func:`write_outputs`."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(os.fspath(path)))).to_pandas()

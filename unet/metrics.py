@@ -39,6 +39,7 @@ from scipy import ndimage
 
 __all__ = [
     "MetricAccumulator",
+    "auroc",
     "counts",
     "hd95",
     "hd95_per_image",
@@ -203,6 +204,26 @@ def hd95(pred: Any, target: Any, spacing: float | Sequence[float] = 1.0) -> floa
     if values.shape != (1,):
         raise ValueError(f"hd95 takes one image; got a batch of {values.shape[0]} — use hd95_per_image")
     return float(values[0])
+
+
+def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` images (Mann-Whitney U / (P N),
+    ties counted half). NaN when either class is missing.
+
+    Example:
+        >>> auroc([0.9, 0.2, 0.6, 0.4], [True, False, True, False])
+        1.0
+    """
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"scores and positive must be 1-D of the same length; got {s.shape} and {y.shape}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(s)  # average ranks for ties
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 class MetricAccumulator:

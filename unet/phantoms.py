@@ -49,7 +49,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-KINDS = ("benign", "malignant", "normal")
+from unet.shards import CLASSES
+
+KINDS = CLASSES  # a phantom's kind is its class
 
 # BUSI's class mix (437 benign, 210 malignant, 133 normal of 780 images).
 CLASS_MIX = {"benign": 0.56, "malignant": 0.27, "normal": 0.17}

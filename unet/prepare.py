@@ -6,13 +6,12 @@ evaluation read only what it writes. ``jobs/prepare.py`` is the command line aro
 
 Steps:
 
-1. **Read** the source into records (id, class, source, grey image and 0/255 mask as PNG bytes).
-   BUSI (:func:`read_busi`): ``Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME.png`` with
-   ``NAME_mask.png`` and possibly ``NAME_mask_1.png``, ``NAME_mask_2.png``... which are OR-merged.
-   Images (RGB, RGBA, grey, palette, 16-bit) become 8-bit grey; masks become 0/255 (any non-zero
-   colour channel counts as lesion). Files that cannot be used are *skipped with a reason*
-   (missing mask, mask size differs from the image, unreadable file, mask without image, ...)
-   and listed in the manifest, or with ``strict=True`` the run fails listing them all.
+1. **Read** the source into records (id, class, source, grey image and 0/255 mask as PNG bytes):
+   :func:`unet.sources.read_busi` (BUSI's folder layout; split masks OR-merged; every file read
+   as displayed, EXIF orientation applied, through the pixel rules of :mod:`unet.codec` that
+   inference uses too) or :func:`unet.sources.read_phantoms`. Files that cannot be used are
+   *skipped with a reason* and listed in the manifest, or with ``strict=True`` the run fails
+   listing them all.
 2. **Group near-duplicates** (:func:`group_duplicates`): 64-bit perceptual hash (DCT pHash,
    ``imagehash.phash``) of every grey image; two images whose hashes differ in at most
    ``hash_threshold`` bits (default :data:`DEFAULT_HASH_THRESHOLD` = 10) are linked, and linked
@@ -24,8 +23,8 @@ Steps:
    group's majority class, in a seeded random order, each to the split furthest below its
    target. Near-duplicates therefore never straddle two splits.
 4. **Write** (:func:`write_dataset`) ``URI/{split}/part-00000.parquet``... (schema
-   :data:`SHARD_SCHEMA`) and ``URI/manifest.json`` through :mod:`unet.storage` (local path or
-   ``s3://``). Same inputs and arguments give byte-identical shards; part files left over from a
+   :data:`unet.shards.SHARD_SCHEMA`) and ``URI/manifest.json`` through :mod:`unet.storage`
+   (local path or ``s3://``). Same inputs and arguments give byte-identical shards; part files left over from a
    previous run with more shards are deleted, and the manifest is written last (it is removed
    first, so a half-finished run is never mistaken for a finished one).
 
@@ -44,12 +43,9 @@ import json
 import logging
 import math
 import re
-import struct
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import cv2
 import imagehash
@@ -57,73 +53,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
 from unet import storage
+from unet.shards import CLASSES, MANIFEST, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS
+from unet.sources import HASH_SIZE, Record, read_busi, read_phantoms
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-CLASSES = ("benign", "malignant", "normal")
-SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 DEFAULT_SHARD_SIZE = 64
-HASH_SIZE = 8  # pHash of 8x8 DCT coefficients = 64 bits
 DEFAULT_HASH_THRESHOLD = 10  # max Hamming distance (bits) between near-duplicates, see module doc
-BUSI_FOLDER = "Dataset_BUSI_with_GT"
-MANIFEST = "manifest.json"
-
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("class", pa.string(), nullable=False),
-        pa.field("image_png", pa.binary(), nullable=False),  # 8-bit grey PNG
-        pa.field("mask_png", pa.binary(), nullable=False),  # 8-bit PNG, values 0/255
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("group", pa.string(), nullable=False),  # id of the group's first member
-        pa.field("source", pa.string(), nullable=False),  # "busi:benign/benign (1).png", "phantoms:seed=0,index=3"
-    ],
-    metadata={"unet.schema_version": str(SCHEMA_VERSION)},
-)
 _STATS_COLUMNS = ["id", "class", "height", "width", "group", "source"]  # not the PNG blobs
 _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
-_MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")
-# Everything Pillow raises for a file that is not a decodable image.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  Image.DecompressionBombError)
 
-__all__ = ["SCHEMA_VERSION", "CLASSES", "SPLITS", "DEFAULT_RATIOS", "DEFAULT_SHARD_SIZE",
-           "DEFAULT_HASH_THRESHOLD", "SHARD_SCHEMA", "SourceDataError", "Record", "Skipped",
-           "PrepareConfig", "to_grey8", "to_binary_mask", "find_busi_root", "read_busi",
-           "read_phantoms", "perceptual_hash", "group_duplicates", "assign_splits",
-           "write_dataset", "prepare", "read_manifest", "natural_key"]
+__all__ = ["DEFAULT_RATIOS", "DEFAULT_SHARD_SIZE", "DEFAULT_HASH_THRESHOLD", "SourceDataError",
+           "PrepareConfig", "group_duplicates", "assign_splits", "write_dataset", "prepare"]
 
 
 class SourceDataError(ValueError):
     """The source cannot be used: no usable images, or bad files while ``strict`` is on."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One image ready for a shard (PNG-encoded) with its perceptual hash."""
-
-    id: str
-    cls: str
-    source: str
-    height: int
-    width: int
-    image_png: bytes
-    mask_png: bytes
-    phash: int
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A source file that was not used, and why (``path`` relative to the dataset folder)."""
-
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -140,6 +88,9 @@ class PrepareConfig:
         shard_size: rows per Parquet file.
         hash_threshold: max pHash Hamming distance (0-64) for two images to be near-duplicates.
         strict: fail on any bad source file instead of skipping it.
+        max_side: shrink BUSI images (and masks) whose longer side is over this many pixels
+            (area interpolation; masks nearest); None keeps the original size. Duplicate groups
+            and splits are computed on the full-size images, so they match an unshrunk run.
     """
 
     source: str
@@ -152,6 +103,7 @@ class PrepareConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     hash_threshold: int = DEFAULT_HASH_THRESHOLD
     strict: bool = False
+    max_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("busi", "phantoms"):
@@ -166,6 +118,8 @@ class PrepareConfig:
                 or sum(self.ratios) <= 0:
             raise ValueError(f"ratios must be three non-negative numbers (train, val, test) with a "
                              f"positive sum, got {self.ratios!r}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16 pixels, got {self.max_side}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if not 0 <= self.hash_threshold <= HASH_SIZE * HASH_SIZE:
@@ -184,167 +138,6 @@ class PrepareConfig:
         if self.source == "busi":
             del d["num"], d["size"]  # meaningless for BUSI; keeps the record honest
         return d
-
-
-# --------------------------------------------------------------------------------------------
-# Pixels
-# --------------------------------------------------------------------------------------------
-
-def natural_key(text: str) -> list:
-    """Sort key that orders ``"benign (2)"`` before ``"benign (10)"``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image, or raise ValueError naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            return img.copy() if img.mode != "P" else img.convert("RGBA" if "transparency" in img.info else "RGB")
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"unreadable image file {path}: {type(e).__name__}: {e}") from e
-
-
-def to_grey8(img: Image.Image) -> np.ndarray:
-    """Any Pillow image -> (H, W) uint8 grey.
-
-    Colour -> ITU-R 601 luma (Pillow's ``convert("L")``), alpha dropped; 16/32-bit grey is taken
-    as full range and scaled by 255/65535 (16-bit PNGs are full range).
-    """
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        values = np.asarray(img, dtype=np.float64)
-        return np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
-
-
-def to_binary_mask(img: Image.Image) -> np.ndarray:
-    """Any Pillow mask -> (H, W) bool: True where any colour channel is non-zero (alpha ignored)."""
-    values = np.asarray(img)
-    if values.ndim == 3:
-        values = values[..., :3] if values.shape[2] >= 3 else values[..., :1]  # drop alpha
-        return (values > 0).any(axis=2)
-    return values > 0
-
-
-def _png(array: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:  # cv2 reports failure by a flag, not an exception
-        raise ValueError(f"could not PNG-encode an array of shape {array.shape} and dtype {array.dtype}")
-    return encoded.tobytes()
-
-
-def perceptual_hash(image: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (``imagehash.phash``) of a (H, W) uint8 grey image, as an int."""
-    bits = imagehash.phash(Image.fromarray(image), hash_size=HASH_SIZE).hash.flatten()
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
-
-
-def _record(id_: str, cls: str, source: str, image: np.ndarray, mask: np.ndarray) -> Record:
-    mask8 = np.where(mask > 0, 255, 0).astype(np.uint8)
-    return Record(id=id_, cls=cls, source=source, height=int(image.shape[0]), width=int(image.shape[1]),
-                  image_png=_png(image), mask_png=_png(mask8), phash=perceptual_hash(image))
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-def find_busi_root(input_dir: str | Path) -> Path:
-    """The ``Dataset_BUSI_with_GT`` folder: ``input_dir/Dataset_BUSI_with_GT`` or `input_dir` itself
-    when it directly holds class folders."""
-    base = Path(input_dir)
-    if not base.is_dir():
-        raise FileNotFoundError(f"BUSI input {base} is not a directory")
-    if (base / BUSI_FOLDER).is_dir():
-        return base / BUSI_FOLDER
-    if any((base / cls).is_dir() for cls in CLASSES):
-        return base
-    raise FileNotFoundError(f"BUSI input {base} holds neither {BUSI_FOLDER}/ nor any of the class folders "
-                            f"{', '.join(c + '/' for c in CLASSES)}; expected BUSI's layout "
-                            f"{BUSI_FOLDER}/{{benign,malignant,normal}}/NAME.png + NAME_mask.png")
-
-
-def read_busi(input_dir: str | Path, progress: Callable[[int, int], None] | None = None
-              ) -> tuple[list[Record], list[Skipped]]:
-    """Read a BUSI-layout folder into records (sorted by id) and the list of skipped files.
-
-    Never raises for a bad file: each becomes a :class:`Skipped` entry (and a log warning).
-    """
-    root = find_busi_root(input_dir)
-    skipped: list[Skipped] = []
-    todo: list[tuple[str, str, Path, list[Path]]] = []  # (id, class, image, masks)
-    seen: dict[str, str] = {}
-
-    def skip(path: str, reason: str) -> None:
-        log.warning("skipped %s: %s", path, reason)
-        skipped.append(Skipped(path, reason))
-
-    for cls in CLASSES:
-        folder = root / cls
-        if not folder.is_dir():
-            skip(f"{cls}/", "class folder missing")
-            continue
-        images: dict[str, Path] = {}
-        masks: dict[str, list[tuple[int, Path]]] = defaultdict(list)
-        for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
-            rel = f"{cls}/{path.name}"
-            if not path.is_file() or path.suffix.lower() != ".png":
-                skip(rel, "not a .png file")
-                continue
-            match = _MASK_RE.match(path.stem)
-            if match:
-                masks[match["stem"]].append((int(match["index"] or 0), path))
-            else:
-                images[path.stem] = path
-        for stem in sorted(set(masks) - set(images), key=natural_key):
-            for _, path in sorted(masks[stem]):
-                skip(f"{cls}/{path.name}", f"mask without image (no {stem}.png)")
-        for stem in sorted(images, key=natural_key):
-            rel = f"{cls}/{images[stem].name}"
-            if stem in seen:
-                skip(rel, f"duplicate id {stem!r}: also in {seen[stem]}/")
-            elif not any(index == 0 for index, _ in masks.get(stem, [])):
-                # BUSI always has NAME_mask.png; extra masks alone would be a partial lesion.
-                others = ", ".join(p.name for _, p in sorted(masks.get(stem, [])))
-                skip(rel, f"missing mask (expected {stem}_mask.png" + (f"; found only {others})" if others else ")"))
-            else:
-                seen[stem] = cls
-                todo.append((stem, cls, images[stem], [p for _, p in sorted(masks[stem])]))
-
-    records: list[Record] = []
-    for done, (stem, cls, image_path, mask_paths) in enumerate(todo, 1):
-        rel = f"{cls}/{image_path.name}"
-        try:
-            image = to_grey8(_open(image_path))
-            lesion = np.zeros(image.shape, dtype=bool)
-            for mask_path in mask_paths:
-                mask = to_binary_mask(_open(mask_path))
-                if mask.shape != image.shape:
-                    raise ValueError(f"mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but "
-                                     f"the image is {image.shape[1]}x{image.shape[0]}")
-                lesion |= mask
-        except ValueError as e:
-            skip(rel, str(e).replace(str(root) + "/", ""))
-        else:
-            records.append(_record(stem, cls, f"busi:{rel}", image, lesion))
-        if progress:
-            progress(done, len(todo))
-    records.sort(key=lambda r: natural_key(r.id))
-    return records, skipped
-
-
-def read_phantoms(num: int, seed: int = 0, size: tuple[int, int] = (256, 256),
-                  progress: Callable[[int, int], None] | None = None) -> list[Record]:
-    """Generate `num` phantoms (:func:`unet.phantoms.generate`) as records sorted by id."""
-    from unet.phantoms import generate
-
-    records = []
-    for index, p in enumerate(generate(num, seed=seed, size=size)):
-        records.append(_record(p.id, p.kind, f"phantoms:seed={seed},index={index}", p.image, p.mask))
-        if progress:
-            progress(index + 1, num)
-    records.sort(key=lambda r: natural_key(r.id))
-    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +337,7 @@ def prepare(config: PrepareConfig, *, command: str | None = None,
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     if config.source == "busi":
-        records, skipped = read_busi(config.input, progress=stage("read"))
+        records, skipped = read_busi(config.input, progress=stage("read"), max_side=config.max_side)
         where = f"BUSI folder {config.input}"
     else:
         records, skipped = read_phantoms(config.num, config.seed, tuple(config.size), progress=stage("generate")), []
@@ -574,11 +367,3 @@ def prepare(config: PrepareConfig, *, command: str | None = None,
     return write_dataset(config.out, records, splits, group_ids, shard_size=config.shard_size,
                          seed=config.seed, manifest=manifest, **storage_kw)
 
-
-def read_manifest(uri: str, **storage_kw) -> dict:
-    """Load ``uri/manifest.json`` written by :func:`prepare`."""
-    raw = storage.read_bytes(storage.join(uri, MANIFEST), **storage_kw)
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{storage.join(uri, MANIFEST)} is not valid JSON: {e}") from e

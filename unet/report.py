@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from unet.shards import CLASSES  # noqa: E402
+
 __all__ = ["ERROR_COLOURS", "error_overlay", "plot_cases", "plot_metric_distributions",
            "plot_training_curves", "write_report"]
 
@@ -39,7 +41,7 @@ ERROR_COLOURS = {"tp": (0, 190, 0), "fp": (230, 30, 30), "fn": (30, 90, 255)}
 _TRUTH_COLOUR = (255, 210, 0)
 _PRED_COLOUR = (0, 220, 220)
 _DISPLAY_MAX = 256  # panel pixels: large ultrasound frames are shrunk for the figure only
-_CLASS_COLOURS = {"benign": "tab:green", "malignant": "tab:red", "normal": "tab:blue"}
+_CLASS_COLOURS = dict(zip(CLASSES, ("tab:green", "tab:red", "tab:blue"), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def plot_metric_distributions(per_image: Any, path: str | Path) -> Path:
     """Per-image Dice and HD95 by class (box plot with the individual images jittered on top)."""
-    classes = [c for c in ("benign", "malignant", "normal") if (per_image["class"] == c).any()]
+    classes = [c for c in CLASSES if (per_image["class"] == c).any()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     rng = np.random.default_rng(0)  # fixed jitter: identical figures for identical results
     for ax, metric, label in ((axes[0], "dice", "Dice per image"), (axes[1], "hd95", "HD95 per image (px)")):

@@ -57,28 +57,18 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from unet import storage
+from unet.codec import decode_png
 from unet.data.augment import AugmentConfig, Augmenter, sample_seed
+from unet.shards import SPLITS
 from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, normalize, resize_image, resize_mask
 
-SPLITS = ("train", "val", "test")
 READ_COLUMNS = ["id", "class", "image_png", "mask_png"]
 DEFAULT_SIZE = (128, 128)
-
-
-def _decode_png(data: bytes, sample_id: str, column: str) -> np.ndarray:
-    if data is None:
-        raise ValueError(f"sample {sample_id!r}: column {column!r} is empty")
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    if array is None:
-        raise ValueError(f"sample {sample_id!r}: column {column!r} holds no decodable PNG "
-                         f"({len(data)} bytes)")
-    return array
 
 
 def check_oversample(oversample: Mapping[str, int] | None) -> dict[str, int]:
@@ -161,8 +151,8 @@ class BatchTransform:
             self._augmenter = Augmenter(self.augment, self.size)
         epoch = self._current_epoch() if self.augment is not None else 0
         for k, sample_id in enumerate(ids):
-            image = _decode_png(batch["image_png"][k], sample_id, "image_png")
-            mask = _decode_png(batch["mask_png"][k], sample_id, "mask_png")
+            image = decode_png(batch["image_png"][k], sample=sample_id, column="image_png")
+            mask = decode_png(batch["mask_png"][k], sample=sample_id, column="mask_png")
             if image.shape != mask.shape:
                 raise ValueError(f"sample {sample_id!r}: image is {image.shape} but mask is "
                                  f"{mask.shape}; they must match")

@@ -1,8 +1,9 @@
 """Image bytes -> 8-bit grey pixels, for any file a scanner or a PACS export may produce.
 
-One function decides how awkward encodings (16-bit, float, alpha, palette, CMYK, EXIF-rotated)
-become the ``(H, W) uint8`` grey image the models take, and which inputs are unusable
-(:class:`DecodeError`, whose message ends up in the output's ``error`` column).
+:func:`decode_image` reads untrusted bytes (size limits, clear errors: :class:`DecodeError`, whose
+message ends up in the output's ``error`` column); how awkward encodings (16-bit, float, alpha,
+palette, CMYK, EXIF-rotated) become the ``(H, W) uint8`` grey image the models take is decided by
+:mod:`unet.codec`, which ``jobs.prepare`` uses for training images too.
 
 Example:
     >>> import io, numpy as np
@@ -19,7 +20,10 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from ..codec import image_pixels
+from ..codec import to_grey8 as to_gray_uint8  # the public name here since before unet.codec
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_image", "describe_error", "to_gray_uint8"]
 
@@ -41,37 +45,6 @@ def _no_pil_pixel_limit():
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
-
-
-def to_gray_uint8(img: Image.Image) -> np.ndarray:
-    """Any PIL image -> (H, W) uint8 grey.
-
-    Rules: 16-bit modes (``I;16*``) scale linearly, 65535 -> 255 (``round(v / 257)``), so a 16-bit
-    copy of an 8-bit image decodes to the same pixels; 32-bit integer ``I`` does the same when
-    its values fit 0..65535, else is stretched min..max; float ``F`` in [0, 1] scales by 255,
-    else is stretched min..max; every other mode (1, L, P, RGB, RGBA, LA, PA, CMYK, YCbCr, ...)
-    goes through PIL's ``convert("L")`` (ITU-R 601 luma; alpha is ignored, palettes resolved).
-    """
-    mode = img.mode
-    if mode.startswith("I;16"):
-        values = np.asarray(img).astype(np.float32)
-        return np.round(values / 257.0).astype(np.uint8)
-    if mode in ("I", "F"):
-        values = np.asarray(img).astype(np.float64)
-        finite = values[np.isfinite(values)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        if mode == "I" and lo >= 0 and hi <= 65535:
-            scaled = values / 257.0
-        elif mode == "F" and lo >= 0 and hi <= 1:
-            scaled = values * 255.0
-        else:
-            scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        return np.round(np.nan_to_num(np.clip(scaled, 0, 255))).astype(np.uint8)
-    try:
-        grey = img.convert("L")
-    except ValueError:  # modes PIL cannot take to L directly (e.g. HSV) go through RGB
-        grey = img.convert("RGB").convert("L")
-    return np.asarray(grey, dtype=np.uint8)
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -97,8 +70,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         if width < 1 or height < 1:
             raise DecodeError(f"image has no pixels ({width}x{height})")
         try:
-            img = ImageOps.exif_transpose(img)
-            grey = to_gray_uint8(img)
+            grey = image_pixels(img)  # EXIF orientation, then the grey rules
         except Exception as e:  # noqa: BLE001 - any decoder failure means this input is unusable
             raise DecodeError(f"cannot decode {img.format or 'image'} data: {type(e).__name__}: {e}") from e
     return grey

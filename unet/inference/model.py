@@ -9,35 +9,33 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 
-import cv2
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage
 
+from .. import faults
+from ..codec import encode_mask_png
 from ..transforms import normalize, resize_probability, single_threaded_opencv
 from .decode import describe_error
 from .output import PIPELINE_SCHEMA
 
-__all__ = ["CRASH_ENV", "Predictor", "encode_mask_png", "mask_statistics", "postprocess",
+__all__ = ["Predictor", "encode_mask_png", "mask_statistics", "postprocess",
            "postprocess_probability"]
-
-# Test hook (documented for tests only): "<marker path>:<call number>" makes a Predictor actor
-# call os._exit on that call of its own if the marker file does not exist yet (it creates it
-# first), i.e. exactly one actor death per job — to prove exactly-once output under failures.
-CRASH_ENV = "UNET_INFER_TEST_CRASH"
-
 
 class Predictor:
     """Ray Data actor: holds the model, maps a batch of uint8 ``x`` to foreground probabilities.
 
     The model runs with BatchNorm folded into the convolutions (:func:`unet.models.fuse_conv_bn`).
     CPU: channels-last tensors under ``torch.inference_mode``; GPU: the same under fp16 autocast.
-    Rows with an error (and tar end markers) are passed through with an all-zero ``prob``.
+    ``settings`` (:class:`unet.artifact.ModelSettings`) gives the normalisation; the rows' ``x``
+    are already at its ``input_size``. Rows with an error (and tar end markers) are passed through
+    with an all-zero ``prob``. ``fault_drill`` (:mod:`unet.faults`, tests only) makes the actor exit
+    once on a given call, to prove exactly-once output under failures.
     """
 
-    def __init__(self, model, *, mean: float, std: float, tta: bool, use_gpu: bool, num_threads: int):
+    def __init__(self, model, *, settings, tta: bool, use_gpu: bool, num_threads: int,
+                 fault_drill: dict | None = None):
         # torch only here: this module also serves the decode/post-processing tasks, whose worker
         # processes would otherwise spend seconds of CPU importing it.
         import torch
@@ -52,34 +50,21 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
         self.model = fuse_conv_bn(model).to(self.device).to(memory_format=torch.channels_last)
-        self.mean, self.std, self.tta = mean, std, tta
-        self.calls = 0
-
-    def _maybe_crash(self) -> None:
-        hook = os.environ.get(CRASH_ENV)
-        if not hook:
-            return
-        marker, _, call = hook.rpartition(":")
-        if self.calls == int(call) and not os.path.exists(marker):
-            with open(marker, "w") as f:
-                f.write(f"pid {os.getpid()}\n")
-            os._exit(1)
+        self.settings, self.tta = settings, tta
+        self.fault_drill, self.calls = fault_drill, 0
 
     def _forward(self, x):
-        out = self.model(x)
-        if isinstance(out, (list, tuple)):  # deep supervision heads: the last is full resolution
-            out = out[-1]
-        return self.torch.sigmoid(out.float())
+        return self.torch.sigmoid(self.model.predict(x).float())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         self.calls += 1
-        self._maybe_crash()
+        faults.maybe_crash(self.fault_drill, "infer", self.calls)
         x = batch.pop("x")
         ok = (batch["error"] == "") & (batch["_seq"] >= 0)
         prob = np.zeros(x.shape, np.float32)
         if ok.any():
-            inputs = torch.from_numpy(normalize(x[ok], self.mean, self.std)[:, None])
+            inputs = torch.from_numpy(normalize(x[ok], self.settings.mean, self.settings.std)[:, None])
             inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
             amp = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
                    else contextlib.nullcontext())
@@ -117,13 +102,6 @@ def mask_statistics(mask: np.ndarray, prob: np.ndarray) -> dict:
     else:
         bbox, confidence = None, float(prob.max())
     return {"tumour_pixels": pixels, "tumour_fraction": pixels / mask.size, "bbox": bbox, "confidence": confidence}
-
-
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-    if not ok:
-        raise ValueError(f"could not encode a {mask.shape} mask as PNG")
-    return buf.tobytes()
 
 
 def postprocess(batch: dict[str, np.ndarray], *, threshold: float, largest_component: bool,

@@ -7,21 +7,25 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import os
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .. import storage
+from .. import faults, storage
+from ..runtime import UsageError, require_cuda
 from .decode import DEFAULT_MAX_PIXELS
-from .model import CRASH_ENV, Predictor, postprocess
+from .model import Predictor, postprocess
 from .output import OUTPUT_SCHEMA, PartAssembler, delete_parts, list_parts, part_bytes, part_name, read_footer
 from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
 from .read import DEFAULT_MAX_BYTES, read_and_decode, read_plan_file
+
+if TYPE_CHECKING:  # annotations only: unet.artifact (and torch) is imported when a model is loaded
+    from ..settings import ModelSettings
 
 logger = logging.getLogger("unet.inference")
 
@@ -132,18 +136,16 @@ def _check_resources(config: InferenceConfig) -> None:
     # The model actors hold their CPUs for the whole run; every other step must still fit beside
     # them, or the pipeline waits forever for a free CPU.
     if need_cpu + CPUS_BESIDE_ACTORS > cpus + 1e-9:
-        raise ValueError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
+        raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
                          f"{need_cpu:g} CPUs for the model, plus {CPUS_BESIDE_ACTORS:g} for reading and "
                          f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
                          f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
     need_gpu = config.workers * config.gpus_per_worker
     if need_gpu > gpus:
-        raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
+        raise UsageError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
                          f"{need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or pass "
                          f"--no-check-resources on an autoscaling cluster)")
     if config.gpus_per_worker > 0:
-        from ..cli import require_cuda
-
         require_cuda(config.gpus_per_worker, "--gpus-per-worker")
 
 
@@ -159,10 +161,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
 
     started = time.monotonic()
     loaded = load_artifact(config.model)
-    settings = loaded.config
-    input_size = tuple(int(v) for v in settings["input_size"])
-    mean, std = float(settings["normalization"]["mean"]), float(settings["normalization"]["std"])
-    threshold = float(settings["threshold"]) if config.threshold is None else config.threshold
+    settings = loaded.settings.with_threshold(config.threshold)
     if config.check_resources:
         _check_resources(config)
 
@@ -203,14 +202,14 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
                 summary.units_planned, len(chunks), plan.total, summary.units_skipped)
 
     if chunks:
-        _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, input_size, mean, std,
-                 threshold, summary)
+        _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, settings, summary)
     with storage.errors(tmp_uri, "clean up"):
         if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
             out_fs.delete_dir(tmp_path)
     summary.wall_s = round(time.monotonic() - started, 3)
-    record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config), "threshold": threshold,
-              "input_size": list(input_size), "normalization": {"mean": mean, "std": std},
+    record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config),
+              "threshold": settings.threshold, "input_size": list(settings.input_size),
+              "normalization": settings.normalization,
               "output_schema": [f"{f.name}: {f.type}" for f in OUTPUT_SCHEMA]}
     storage.write_bytes(storage.join(config.output, "_runs", f"run-{run_id}.json"),
                         (json.dumps(record, indent=2, default=str) + "\n").encode())
@@ -243,8 +242,7 @@ def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_
 
 
 def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_files: list[str], in_fs,
-             root: str, root_uri: str, input_size: tuple[int, int], mean: float, std: float,
-             threshold: float, summary: InferenceSummary) -> None:
+             root: str, root_uri: str, settings: ModelSettings, summary: InferenceSummary) -> None:
     """Build the Ray Data pipeline over the plan and write parts as chunks complete."""
     import ray
 
@@ -260,21 +258,19 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
     ds = ds.repartition(target_num_rows_per_block=READ_ROWS_PER_TASK)
     ds = ds.map_batches(
         read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=side_cpus,
-        fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=input_size,
+        fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=settings.input_size,
                        image_column=config.image_column, id_column=config.id_column,
                        max_pixels=config.max_pixels, max_bytes=config.max_bytes))
-    hook = os.environ.get(CRASH_ENV)
     ds = ds.map_batches(
         Predictor, batch_format="numpy", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(model=loaded.model, mean=mean, std=std, tta=config.tta,
+        fn_constructor_kwargs=dict(model=loaded.model, settings=settings, tta=config.tta,
                                    use_gpu=config.gpus_per_worker > 0,
-                                   num_threads=int(config.cpus_per_worker)),
-        runtime_env={"env_vars": {CRASH_ENV: hook}} if hook else None)
+                                   num_threads=int(config.cpus_per_worker), fault_drill=faults.current()))
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=side_cpus,
-                        fn_kwargs=dict(threshold=threshold, largest_component=config.largest_component,
-                                       model_id=loaded.model_id))
+                        fn_kwargs=dict(threshold=settings.threshold,
+                                       largest_component=config.largest_component, model_id=loaded.model_id))
 
     pending: list[concurrent.futures.Future] = []
 

@@ -64,6 +64,7 @@ class AttentionUNet(UNet):
         norm: ``"batch"``, ``"instance"`` or ``"none"``. Default ``"batch"``.
         pad_mode: ``"replicate"`` or ``"zeros"`` padding up to a multiple of ``2 ** depth``.
             Default ``"replicate"``.
+        encoder, encoder_weights, image_classes: as for :class:`UNet` (gates on the encoder's skips).
 
     Example:
         >>> import torch
@@ -85,15 +86,19 @@ class AttentionUNet(UNet):
         dropout: float = 0.07,
         norm: str = "batch",
         pad_mode: str = "replicate",
+        encoder: str | None = None,
+        encoder_weights: str | None = None,
+        image_classes: int = 0,
     ) -> None:
-        super().__init__(in_channels, out_channels, channels, dropout, norm, pad_mode)
+        super().__init__(in_channels, out_channels, channels, dropout, norm, pad_mode, encoder, encoder_weights,
+                         image_classes)
 
     def _make_gate(self, skip_channels: int, gating_channels: int) -> nn.Module:
         return AttentionGate(skip_channels, gating_channels)
 
     def gates(self) -> list[AttentionGate]:
         """The attention gates, shallowest skip first."""
-        return [up.gate for up in reversed(self.decoder)]
+        return [up.gate for up in reversed(self.decoder) if isinstance(up.gate, AttentionGate)]
 
     def attention_maps(self) -> list[torch.Tensor | None]:
         """Coefficients of the last forward pass, shallowest skip first (None before any pass)."""

@@ -3,7 +3,8 @@
 Each architecture subclasses :class:`SegmentationModel`, builds its layers in ``__init__`` and
 implements :meth:`SegmentationModel.forward_padded`; ``forward`` (here, once) pads the input to a
 multiple of ``2 ** depth`` so every pooling divides evenly, and crops the logits back, so any
-input size works (e.g. BUSI's 471×562).
+input size works (e.g. BUSI's 471×562). :meth:`SegmentationModel.predict` (here, once) is what
+every user of a trained model calls: the full-resolution logits, whatever the architecture.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class SegmentationModel(nn.Module):
         norm: ``"batch"``, ``"instance"`` or ``"none"``. Default ``"batch"``.
         pad_mode: how inputs are padded to a multiple of ``2 ** depth``: ``"replicate"``
             (edge pixels, default; no artificial black border) or ``"zeros"``.
+        image_classes: size of an image-level classification head on the deepest features
+            (e.g. 3 for normal/benign/malignant; 0 = none, default). With a head, ``forward``
+            returns ``(mask_logits, class_logits)``; :meth:`predict` still returns the masks only.
     """
 
     architecture: str = ""
@@ -110,6 +114,7 @@ class SegmentationModel(nn.Module):
         dropout: float = 0.07,
         norm: str = "batch",
         pad_mode: str = "replicate",
+        image_classes: int = 0,
     ) -> None:
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels, "1")
@@ -119,6 +124,27 @@ class SegmentationModel(nn.Module):
         self.norm = _check_choice("norm", norm, NORMS)
         self.pad_mode = _check_choice("pad_mode", pad_mode, PAD_MODES)
         self.depth = len(self.channels) - 1
+        if isinstance(image_classes, bool) or not isinstance(image_classes, numbers.Integral) \
+                or image_classes < 0 or image_classes == 1:
+            raise ValueError(f"image_classes must be 0 (no image head) or >= 2, e.g. image_classes=3; "
+                             f"got {image_classes!r}")
+        self.image_classes = int(image_classes)
+
+    def _make_image_head(self, channels: int) -> nn.Module | None:
+        """The image-level head on ``channels`` deepest features, or None without ``image_classes``:
+        global average pooling, dropout, one linear layer (smp's classification head)."""
+        if not self.image_classes:
+            return None
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                             nn.Linear(channels, self.image_classes))
+
+    @property
+    def input_normalization(self) -> dict[str, float]:
+        """``{"mean", "std"}`` its inputs are normalised with (``unet.transforms.normalize``): the
+        project's default, or what a pretrained encoder's weights expect."""
+        from unet.transforms import DEFAULT_MEAN, DEFAULT_STD
+
+        return {"mean": DEFAULT_MEAN, "std": DEFAULT_STD}
 
     def model_kwargs(self) -> dict:
         """The keyword arguments that rebuild this model with ``build_model`` (JSON-ready)."""
@@ -129,6 +155,7 @@ class SegmentationModel(nn.Module):
             "dropout": self.dropout,
             "norm": self.norm,
             "pad_mode": self.pad_mode,
+            **({"image_classes": self.image_classes} if self.image_classes else {}),
         }
 
     def initialize(self) -> None:
@@ -142,8 +169,10 @@ class SegmentationModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Logits ``(B, out_channels, H, W)`` for input ``(B, in_channels, H, W)`` of any H, W."""
+    def forward(self, x: torch.Tensor):
+        """Logits ``(B, out_channels, H, W)`` for input ``(B, in_channels, H, W)`` of any H, W
+        (a list of them for deep supervision in training); with an image head, the pair
+        ``(mask logits, class logits (B, image_classes))``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) "
@@ -157,10 +186,47 @@ class SegmentationModel(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (left, pad_w - left, top, pad_h - top), mode=PAD_MODES[self.pad_mode])
         out = self.forward_padded(x)
-        if isinstance(out, list):
-            return [o[..., top : top + height, left : left + width] for o in out]
-        return out[..., top : top + height, left : left + width]
+        masks, classes = out if isinstance(out, tuple) else (out, None)
+        if isinstance(masks, list):
+            masks = [o[..., top : top + height, left : left + width] for o in masks]
+        else:
+            masks = masks[..., top : top + height, left : left + width]
+        return masks if classes is None else (masks, classes)
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Logits for ``x`` whose height and width are multiples of ``2 ** depth``."""
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The final logits ``(B, out_channels, H, W)`` for ``x``, computed without grad.
+
+        ``forward`` may return a list of heads (UNet++ deep supervision in training mode, ordered
+        shallowest first, every one at input resolution); the model's final output is the last
+        one, and this is the one place that knows it. The model's mode is left as it is (call
+        ``eval()`` for inference: dropout off, BatchNorm running statistics).
+        """
+        return self.predict_all(x)[0]
+
+    @torch.no_grad()
+    def predict_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(final mask logits, image class logits or None)`` for ``x``, without grad."""
+        out = self(x)
+        masks, classes = out if isinstance(out, tuple) else (out, None)
+        return (masks[-1] if isinstance(masks, list) else masks), classes
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(foreground probabilities (B, out_channels, H, W), image class probabilities (B, K) or
+        None)`` in float32; with ``tta`` each is the mean over ``x`` and its horizontal flip (the
+        probe is at the top, so only left-right flips are realistic)."""
+        logits, classes = self.predict_all(x)
+        prob = torch.sigmoid(logits.float())
+        class_prob = None if classes is None else torch.softmax(classes.float(), dim=1)
+        if tta:
+            flipped_logits, flipped_classes = self.predict_all(x.flip(-1))
+            prob = (prob + torch.sigmoid(flipped_logits.float()).flip(-1)) / 2
+            if class_prob is not None:
+                class_prob = (class_prob + torch.softmax(flipped_classes.float(), dim=1)) / 2
+        return prob, class_prob
+
+    def forward_padded(self, x: torch.Tensor):
+        """Logits for ``x`` whose height and width are multiples of ``2 ** depth`` (and the image
+        head's logits, as a pair, when the model has one)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_padded")

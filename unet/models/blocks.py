@@ -62,7 +62,8 @@ class Up(nn.Module):
 
     Args:
         in_channels: channels of the coarser input (also the gating signal of ``gate``).
-        skip_channels: total channels of the skip features (UNet++ concatenates several).
+        skip_channels: total channels of the skip features (UNet++ concatenates several); 0 for
+            a step without skip (the last step of a decoder on a stride-2 encoder).
         out_channels: channels after up-sampling and of the output.
         gate: module ``gate(skip, gating) -> skip`` applied to the skip features;
             default :class:`OpenGate` (plain UNet).
@@ -83,6 +84,8 @@ class Up(nn.Module):
         self.block = ConvBlock(out_channels + skip_channels, out_channels, norm, dropout)
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not skips:
+            return self.block(self.up(x))
         skip = skips[0] if len(skips) == 1 else torch.cat(list(skips), dim=1)
         skip = self.gate(skip, x)
         return self.block(torch.cat([self.up(x), skip], dim=1))

@@ -37,6 +37,8 @@ class UNetPlusPlus(SegmentationModel):
         pad_mode: ``"replicate"`` or ``"zeros"`` padding up to a multiple of ``2 ** depth``.
             Default ``"replicate"``.
         deep_supervision: add a head on every ``x_0_j`` and return all of them in training.
+        image_classes: image-level head on ``x_{depth}_0`` (0 = none). Default 0. (No pretrained
+            encoder: UNet++'s nested skips are wired for its own encoder.)
             Default False.
 
     Example:
@@ -60,8 +62,9 @@ class UNetPlusPlus(SegmentationModel):
         norm: str = "batch",
         pad_mode: str = "replicate",
         deep_supervision: bool = False,
+        image_classes: int = 0,
     ) -> None:
-        super().__init__(in_channels, out_channels, channels, dropout, norm, pad_mode)
+        super().__init__(in_channels, out_channels, channels, dropout, norm, pad_mode, image_classes)
         if not isinstance(deep_supervision, bool):
             raise ValueError(f"deep_supervision must be True or False; got {deep_supervision!r}")
         self.deep_supervision = deep_supervision
@@ -78,6 +81,7 @@ class UNetPlusPlus(SegmentationModel):
 
         supervised = range(1, depth + 1) if deep_supervision else [depth]
         self.heads = nn.ModuleDict({f"x_0_{j}": nn.Conv2d(c[0], self.out_channels, 1) for j in supervised})
+        self.image_head = self._make_image_head(c[depth])
         self.initialize()
 
     def model_kwargs(self) -> dict:
@@ -95,5 +99,7 @@ class UNetPlusPlus(SegmentationModel):
                     feats[row + 1, j - 1], [feats[row, k] for k in range(j)]
                 )
         if self.deep_supervision and self.training:
-            return [self.heads[f"x_0_{j}"](feats[0, j]) for j in range(1, depth + 1)]
-        return self.heads[f"x_0_{depth}"](feats[0, depth])
+            masks = [self.heads[f"x_0_{j}"](feats[0, j]) for j in range(1, depth + 1)]
+        else:
+            masks = self.heads[f"x_0_{depth}"](feats[0, depth])
+        return masks if self.image_head is None else (masks, self.image_head(feats[depth, 0]))

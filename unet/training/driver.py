@@ -1,0 +1,229 @@
+"""The driver of a training run: datasets, the ``TorchTrainer``, resume, export — :func:`fit`.
+
+:func:`fit` connects to or starts Ray, plans resources (:mod:`.resources`), resumes or skips a
+finished run (:mod:`.checkpoints`), runs ``TorchTrainer.fit()`` over :func:`build_datasets` with
+:func:`unet.training.loop.train_loop_per_worker` on every worker, and exports the best checkpoint
+(by ``monitor``, default the validation Dice) as a model artifact with the run's provenance.
+
+:class:`SplitValDataConfig` splits ``train`` equally across ranks (DDP needs the same number of
+steps on every rank) and ``val`` *unequally* so that every validation image is scored exactly once
+(an equal split drops rows to even the shards out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.train import DataConfig
+
+from unet import faults, storage
+from unet.models import build_model
+from unet.runtime import init_ray, require_cuda
+from unet.shards import MANIFEST, read_manifest
+
+from .checkpoints import check_same_run, export_best, previous_result, read_checkpoint_config
+from .config import SMOKE_PHANTOMS, TrainConfig
+from .loop import train_loop_per_worker
+from .resources import ResourcePlan, plan_resources
+
+__all__ = ["FitOutcome", "SplitValDataConfig", "build_datasets", "build_trainer", "fit"]
+
+logger = logging.getLogger("unet.train")
+
+
+class SplitValDataConfig(DataConfig):
+    """Ray's ``DataConfig``, except that ``val`` is split with ``streaming_split(equal=False)``.
+
+    The default (``equal=True``) evens the shards out by dropping rows, which is right for training
+    (DDP needs the same number of steps on every rank) but would leave validation images unscored.
+    An unequal split hands out whole blocks dynamically: every row goes to exactly one rank.
+    """
+
+    def __init__(self, unequal: Sequence[str] = ("val",)):
+        super().__init__()
+        self.unequal = tuple(unequal)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train V2 calls this once per dataset; handle any number anyway.
+        output = [{} for _ in range(world_size)]
+        regular = {k: v for k, v in datasets.items() if k not in self.unequal}
+        if regular:
+            shards = super().configure(regular, world_size, worker_handles, worker_node_ids, **kwargs)
+            for rank, assigned in enumerate(shards):
+                output[rank].update(assigned)
+        for name, ds in datasets.items():
+            if name not in self.unequal:
+                continue
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[rank][name] = split
+        return output
+
+
+def build_datasets(cfg: TrainConfig, epoch_offset: int = 0) -> dict[str, Any]:
+    """``{"train": ..., "val": ...}`` Ray Datasets of model batches from ``cfg.data``.
+
+    ``train`` stays lazy and streams (new shard order and augmentations every epoch; a run resumed
+    after ``epoch_offset`` finished epochs continues their sequence of augmentations). ``val`` is
+    decoded once and materialised in the object store: it is small (BUSI: ~100 images, 13 MB at
+    128 px) and identical every epoch, so re-reading it would only add a pipeline start per epoch.
+    """
+    from unet.data import AugmentConfig, read_split
+
+    if not cfg.data:
+        raise ValueError("no training data: pass --data URI of prepared shards (jobs.prepare), "
+                         "or --smoke-test to generate phantoms")
+    if cfg.oversample:
+        _check_classes(cfg.data, cfg.oversample)
+    size = tuple(cfg.image_size)
+    # A pretrained encoder expects the normalisation its weights were trained with.
+    norm = build_model(cfg.model, **cfg.model_kwargs).input_normalization
+    return {
+        "train": read_split(cfg.data, "train", size=size,
+                            augment=AugmentConfig() if cfg.augment else None,
+                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib,
+                            oversample=cfg.oversample, epoch_offset=epoch_offset, **norm),
+        "val": read_split(cfg.data, "val", size=size, **norm).materialize(),
+    }
+
+
+def _check_classes(data: str, oversample: Mapping[str, int]) -> None:
+    """A class to oversample that the train split does not have is a typo, not a no-op."""
+    if not storage.exists(storage.join(data, MANIFEST)):
+        return
+    classes = sorted(k for k in read_manifest(data)["counts"]["train"] if k != "total")
+    unknown = sorted(set(oversample) - set(classes))
+    if unknown:
+        raise ValueError(f"oversample: class(es) {unknown} not in the train split of {data}, which has {classes}")
+
+
+def make_smoke_data(cfg: TrainConfig) -> str:
+    """Write tiny phantom shards for ``--smoke-test`` under the run directory; returns their URI.
+
+    Idempotent: an existing manifest there is reused.
+    """
+    from unet.prepare import PrepareConfig, prepare
+
+    out = storage.join(cfg.run_uri, "smoke-data")
+    if not storage.exists(storage.join(out, MANIFEST)):
+        # Small shards: several blocks per split, so both ranks get some of the val split.
+        prepare(PrepareConfig(source="phantoms", out=out, num=SMOKE_PHANTOMS, seed=cfg.seed,
+                              size=(64, 64), shard_size=4), command="unet.train --smoke-test")
+    return out
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, Any], *,
+                  train_loop=train_loop_per_worker, loop_config: Mapping[str, Any] | None = None,
+                  command: str | None = None):
+    """The ``TorchTrainer`` for ``cfg`` (gloo on CPU, nccl on GPU), checkpointing to storage/name.
+
+    ``train_loop``/``loop_config`` default to :func:`train_loop_per_worker` with the config; tests
+    pass their own loop to exercise pieces (e.g. :func:`validate`) under the same trainer setup.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = storage.get_filesystem(cfg.storage)
+    num_workers: int | tuple[int, int] = plan.max_workers if not plan.elastic else (plan.min_workers, plan.max_workers)
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu,
+                            resources_per_worker=plan.resources_per_worker(),
+                            placement_strategy=cfg.placement_strategy)
+    run_config = RunConfig(
+        name=cfg.name,
+        storage_path=path,
+        storage_filesystem=fs if storage.is_s3(cfg.storage) else None,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, checkpoint_score_attribute=cfg.monitor,
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+    )
+    if loop_config is None:
+        loop_config = {"train": cfg.to_dict(), "torch_threads": plan.torch_threads,
+                       "resources_per_worker": plan.resources_per_worker(), "command": command,
+                       "fault_drill": faults.current()}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=dict(loop_config),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=dict(datasets),
+        dataset_config=SplitValDataConfig(),
+    )
+
+
+@dataclass
+class FitOutcome:
+    """What :func:`fit` did and where things are."""
+
+    artifact: str                 # URI of the exported model artifact
+    run_uri: str                  # storage/name: checkpoints + Ray's snapshot
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    trained: bool                 # False when the run was already finished (only re-exported)
+    start_epoch: int | None       # first epoch trained by the (last) attempt of this call
+    plan: ResourcePlan | None
+    seconds: float
+
+
+def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
+    """Train (or resume, or just re-export) the run described by ``cfg``; export the best model.
+
+    ``command`` is recorded in checkpoints and the artifact's provenance (default: this process's
+    command line).
+    """
+    t0 = time.perf_counter()
+    cfg = cfg.resolved()
+    command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
+    started = init_ray(cfg.address, cfg.num_cpus)
+    try:
+        import ray
+
+        if cfg.smoke_test and not cfg.data:
+            cfg = dataclasses.replace(cfg, data=make_smoke_data(cfg))
+        previous = previous_result(cfg)
+        plan, done = None, 0
+        if previous is not None and previous.checkpoint is not None:
+            saved = read_checkpoint_config(previous.checkpoint)
+            check_same_run(cfg, saved.get("config", {}), previous.checkpoint.path)
+            done = int(saved.get("epoch", 0))
+            if done >= cfg.epochs:
+                logger.info("run %s already finished %d/%d epochs; exporting its best checkpoint",
+                            cfg.run_uri, done, cfg.epochs)
+                uri, best_epoch, best_metrics, history = export_best(cfg, previous, command=command)
+                return FitOutcome(uri, cfg.run_uri, best_epoch, best_metrics, history, False, None, None,
+                                  time.perf_counter() - t0)
+            logger.info("run %s has %d/%d epochs; resuming from its latest checkpoint",
+                        cfg.run_uri, done, cfg.epochs)
+        plan = plan_resources(cfg, ray.cluster_resources(), _alive_nodes())
+        if cfg.use_gpu and cfg.check_resources:
+            require_cuda(plan.gpus_per_worker, "--use-gpu")
+        logger.info("resources: %s", plan.describe())
+        if not storage.exists(storage.join(cfg.data, MANIFEST)):
+            logger.warning("%s has no %s; provenance will not pin the data version", cfg.data, MANIFEST)
+        trainer = build_trainer(cfg, plan, build_datasets(cfg, epoch_offset=done), command=command)
+        result = trainer.fit()
+        uri, best_epoch, best_metrics, history = export_best(cfg, result, command=command, plan=plan)
+        start_epoch = (result.metrics or {}).get("start_epoch")
+        return FitOutcome(uri, cfg.run_uri, best_epoch, best_metrics, history, True, start_epoch, plan,
+                          time.perf_counter() - t0)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

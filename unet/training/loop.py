@@ -1,0 +1,392 @@
+"""What runs on every Ray Train worker: train one epoch, validate, reduce, report a checkpoint.
+
+:func:`train_loop_per_worker` builds model/loss/optimiser/scheduler, resumes from
+``ray.train.get_checkpoint()``, then per epoch runs :func:`train_one_epoch`, :func:`validate`
+(TP/FP/FN counts on every rank, one ``all_reduce``, scores computed once), a rank-0 log line
+(:func:`log_epoch`) and ``ray.train.report`` with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unet import faults
+from unet.metrics import MetricAccumulator, auroc, scores_from_counts
+from unet.models import build_model
+from unet.shards import CLASSES
+
+from .checkpoints import load_checkpoint_state, write_checkpoint
+from .config import TrainConfig
+from .optim import autocast, build_loss_fn, build_optimizer, build_scheduler
+
+__all__ = ["evaluate", "log_epoch", "reduce_metrics", "scores", "train_loop_per_worker", "train_one_epoch",
+           "validate"]
+
+logger = logging.getLogger("unet.train")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: nn.Module,
+                    optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float]:
+    """One pass over this rank's batches; returns (sum of per-image loss, images, seconds spent
+    waiting for the next batch) on this rank. A large wait means the input pipeline, not the
+    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``)."""
+    model.train()
+    loss_sum, images, wait_s = 0.0, 0, 0.0
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        wait_s += time.perf_counter() - t
+        if batch is None:
+            break
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["mask"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(cfg.amp, device):
+            out = model(x)
+        masks, class_logits = out if isinstance(out, tuple) else (out, None)
+        # The loss in float32: soft Dice sums over whole images, which bf16/fp16 would round badly.
+        loss = loss_fn([o.float() for o in masks] if isinstance(masks, list) else masks.float(), y)
+        if class_logits is not None:  # the image-level head learns normal/benign/malignant jointly
+            labels = class_targets(batch["class"], batch["id"], device)
+            loss = loss + cfg.class_loss_weight * F.cross_entropy(class_logits.float(), labels)
+        value = float(loss.detach())  # the one host sync per step
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} (batch ids {list(batch['id'])[:4]}...); "
+                                     "lower --lr or use --amp none")
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += value * x.shape[0]
+        images += x.shape[0]
+    return loss_sum, images, wait_s
+
+
+def class_targets(classes: Sequence[str], ids: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Class names -> indices into :data:`unet.shards.CLASSES` (the image head's outputs)."""
+    try:
+        return torch.tensor([CLASSES.index(c) for c in classes], device=device)
+    except ValueError:
+        bad = next(i for i, c in zip(ids, classes, strict=True) if c not in CLASSES)
+        raise ValueError(f"image {bad!r} has class {classes[list(ids).index(bad)]!r}; expected one of "
+                         f"{CLASSES}") from None
+
+
+def lesion_probabilities(class_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p(lesion) = 1 - p(normal), p(malignant))`` per image from the image head's logits."""
+    p = torch.softmax(class_logits.float(), dim=1)
+    return 1.0 - p[:, CLASSES.index("normal")], p[:, CLASSES.index("malignant")]
+
+
+def new_accumulators() -> dict[str, MetricAccumulator]:
+    """One accumulator for all images and one per class."""
+    return {"overall": MetricAccumulator(), **{c: MetricAccumulator() for c in CLASSES}}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device,
+             cfg: TrainConfig | None = None, images: list | None = None) -> dict[str, MetricAccumulator]:
+    """Accumulate TP/FP/FN/TN of thresholded predictions (sigmoid > 0.5) on *this rank's* batches.
+
+    Returns accumulators (overall and per class) that still have to be summed across ranks
+    (:func:`reduce_metrics`); nothing is averaged per batch. ``images``, if given, receives one
+    ``(class, dice, any predicted pixel, p(lesion) or NaN)`` tuple per image (:func:`image_scores`).
+    """
+    model.eval()
+    accs = new_accumulators()
+    for batch in batches:
+        x = batch["image"].to(device, non_blocking=True)
+        target = batch["mask"].to(device) > 0.5
+        with autocast(cfg.amp if cfg is not None else "none", device):
+            logits, class_logits = model.predict_all(x)
+        pred = logits.float() > 0  # sigmoid(z) > 0.5  <=>  z > 0
+        c = accs["overall"].update(pred, target)
+        classes = np.asarray(batch["class"], dtype=object)
+        if images is not None:
+            dice = scores_from_counts(c[:, 0], c[:, 1], c[:, 2])["dice"]
+            lesion = (lesion_probabilities(class_logits)[0].cpu().numpy() if class_logits is not None
+                      else np.full(len(classes), np.nan))
+            images.extend(zip(classes.tolist(), dice.tolist(), (c[:, 0] + c[:, 1] > 0).tolist(),
+                              lesion.tolist(), strict=True))
+        for cls in np.unique(classes):
+            if cls not in CLASSES:
+                raise ValueError(f"validation image {batch['id'][int(np.flatnonzero(classes == cls)[0])]!r} "
+                                 f"has class {cls!r}; expected one of {CLASSES}")
+            idx = torch.as_tensor(np.flatnonzero(classes == cls), device=pred.device)
+            accs[cls].update(pred.index_select(0, idx), target.index_select(0, idx))
+    return accs
+
+
+def reduce_metrics(accs: Mapping[str, MetricAccumulator], extra: Sequence[float] = (),
+                   device: torch.device | None = None) -> tuple[dict[str, MetricAccumulator], list[float]]:
+    """Sum accumulators (and a few extra numbers, e.g. the train loss) over all ranks in ONE
+    ``all_reduce``. Without a process group (single process) it returns the inputs."""
+    names = list(accs)
+    states = [accs[n].state() for n in names]
+    vec = np.concatenate(states + [np.asarray(extra, dtype=np.float64)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if device is None or torch.distributed.get_backend() != "nccl":
+            device = torch.device("cpu")
+        t = torch.from_numpy(vec).to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        vec = t.cpu().numpy()
+    out, offset = {}, 0
+    for n, s in zip(names, states, strict=True):
+        out[n] = MetricAccumulator().merge(vec[offset:offset + len(s)])
+        offset += len(s)
+    return out, vec[offset:].tolist()
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Make every rank's BatchNorm running statistics rank 0's.
+
+    DDP broadcasts buffers *before* each training forward, so after the last step every rank holds
+    stats updated by its own batch; validating those would score slightly different models per rank.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for buf in _unwrap(model).buffers():
+        if buf.is_floating_point() or buf.dtype in (torch.int64, torch.int32):
+            torch.distributed.broadcast(buf.data, src=0)
+
+
+def validate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device,
+             cfg: TrainConfig | None = None, extra: Sequence[float] = ()
+             ) -> tuple[dict[str, MetricAccumulator], list[float], list[tuple]]:
+    """Distributed validation: rank 0's weights/buffers on every rank, each rank scores its own
+    images, counts summed over ranks, per-image rows gathered from all ranks. Every rank must call
+    it (it holds collectives)."""
+    _sync_buffers(model)
+    # The plain module, not DDP: ranks see different numbers of validation batches, and DDP's
+    # forward may start collectives (buffer sync) that would then not line up.
+    images: list = []
+    accs = evaluate(_unwrap(model), batches, device, cfg, images=images)
+    accs, extra = reduce_metrics(accs, extra, device)
+    return accs, extra, [row for rank_rows in _gather(images) for row in rank_rows]
+
+
+def image_scores(images: Sequence[tuple[str, float, bool, float]], gate: float = 0.5) -> dict[str, float]:
+    """The two failure modes, scored separately, from per-image ``(class, dice, any, p_lesion)``.
+
+    ``val_lesion_dice``: mean Dice over benign/malignant images; ``val_false_lesion_rate``: share of
+    normal images with any predicted pixel. With an image head (p_lesion not NaN) also their values
+    when masks with ``p_lesion < gate`` are emptied (``*_gated``) and the head's ``val_gate_auroc``.
+    """
+    if not images:
+        return {}
+    cls = np.asarray([r[0] for r in images], dtype=object)
+    dice, any_, p = (np.asarray([r[k] for r in images], dtype=np.float64) for k in (1, 2, 3))
+    lesion, normal = cls != "normal", cls == "normal"
+    mean = lambda v: float(v.mean()) if v.size else math.nan  # noqa: E731
+    out = {"val_lesion_dice": mean(dice[lesion]), "val_false_lesion_rate": mean(any_[normal])}
+    if not np.isnan(p).any():
+        kept = p >= gate
+        out |= {"val_lesion_dice_gated": mean(np.where(kept, dice, 0.0)[lesion]),
+                "val_false_lesion_rate_gated": mean((any_ * kept)[normal]),
+                "val_gate_auroc": auroc(p, lesion)}
+    return out
+
+
+def scores(accs: Mapping[str, MetricAccumulator], images: Sequence[tuple] = ()) -> dict[str, Any]:
+    """Flat metrics for logging/reporting: ``val_dice``/``val_iou`` (from summed counts), their
+    per-image means, image count, raw counts, per-class Dice/IoU and :func:`image_scores`."""
+    overall = accs["overall"].compute()
+    out: dict[str, Any] = {
+        "val_dice": overall["dice_micro"],
+        "val_iou": overall["iou_micro"],
+        "val_dice_per_image": overall["dice_macro"],
+        "val_iou_per_image": overall["iou_macro"],
+        "val_images": overall["images"],
+        "val_counts": [overall["tp"], overall["fp"], overall["fn"], overall["tn"]],
+    }
+    for cls in CLASSES:
+        if accs[cls].state()[4] > 0:
+            c = accs[cls].compute()
+            out[f"val_dice_{cls}"] = c["dice_micro"]
+            out[f"val_dice_per_image_{cls}"] = c["dice_macro"]
+            out[f"val_iou_{cls}"] = c["iou_micro"]
+            out[f"val_images_{cls}"] = c["images"]
+    return out | image_scores(images)
+
+
+def log_epoch(record: Mapping[str, Any], epochs: int) -> None:
+    """The one per-epoch log line (call on rank 0 only)."""
+    failure_modes = ""
+    if "val_lesion_dice" in record:
+        failure_modes = (f"  lesion dice {record['val_lesion_dice']:.4f}  false lesions "
+                         f"{record['val_false_lesion_rate']:.0%}")
+    if "val_gate_auroc" in record:
+        failure_modes += (f" (gated {record['val_lesion_dice_gated']:.4f} / "
+                          f"{record['val_false_lesion_rate_gated']:.0%}, gate AUROC {record['val_gate_auroc']:.3f})")
+    logger.info(
+        "epoch %d/%d  loss %.4f  val_dice %.4f (per image %.4f)  val_iou %.4f%s  lr %.2e  %.1f img/s  "
+        "data wait %.0f%%  epoch %.1fs  elapsed %.1fs",
+        record["epoch"], epochs, record["train_loss"], record["val_dice"], record["val_dice_per_image"],
+        record["val_iou"], failure_modes, record["lr"], record["images_per_s"], 100 * record.get("data_wait", 0.0),
+        record["epoch_s"], record["elapsed_s"])
+
+
+def _setup_worker_logging() -> None:
+    # Ray forwards worker stdout to the driver; without a handler logging would drop INFO lines.
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[unet.train] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _gather(obj: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _worker_info(device: torch.device) -> dict[str, Any]:
+    import ray
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"node_id": ray.get_runtime_context().get_node_id(), "host": platform.node(),
+            "device": device.type, "device_name": name, "torch_threads": torch.get_num_threads()}
+
+
+def _committed() -> None:
+    # Ray's controller collects reports by polling: dying right after a report can lose it (the
+    # previous epoch's checkpoint never registered, the restart begins at epoch 1). A fault drill
+    # waits until every checkpoint reported so far is committed, so it tests resume, not that race.
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker function. ``loop_config = {"train": TrainConfig.to_dict(), "torch_threads": n,
+    "command": str, "fault_drill": unet.faults.current()}``. Returns (rank 0's value reaches
+    ``Result.return_value``) a small summary."""
+    import ray.train
+    import ray.train.torch
+
+    _setup_worker_logging()
+    cfg = TrainConfig.from_dict(loop_config["train"], source="train_loop_config")
+    torch.set_num_threads(int(loop_config.get("torch_threads", 1)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    np.random.seed(cfg.seed + rank)
+
+    model = build_model(cfg.model, **cfg.model_kwargs)
+    start_epoch, history, hardware, commands = 1, [], None, []
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint)
+        model.load_state_dict(state["model"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        commands = list(state.get("commands", []))
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+    loss_fn = build_loss_fn(cfg)
+    if loop_config.get("command") and (not commands or commands[-1] != loop_config["command"]):
+        commands.append(loop_config["command"])
+
+    workers = _gather(_worker_info(device))
+    hardware = {"workers": world, "worker_info": workers,
+                "torch_threads": int(loop_config.get("torch_threads", 1)),
+                "resources_per_worker": loop_config.get("resources_per_worker")}
+    if rank == 0:
+        where = f"resuming at epoch {start_epoch}" if state is not None else "starting"
+        logger.info("%s: %d worker(s) on %d node(s), device %s, %s", cfg.name, world,
+                    len({w["node_id"] for w in workers}), device, where)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    from unet.data import collate_torch
+
+    val_batch_size = cfg.val_batch_size or cfg.batch_size
+    elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
+    attempt_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=collate_torch,
+            local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
+            local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 101 + rank) % (2**31))
+        loss_sum, n_images, wait_s = train_one_epoch(model, train_batches, loss_fn, optimizer, device, cfg,
+                                                     scaler)
+        train_s = time.perf_counter() - t0
+        scheduler.step()
+        val_batches = val_shard.iter_torch_batches(batch_size=val_batch_size, collate_fn=collate_torch)
+        accs, (loss_sum, n_images, train_s_sum, wait_s_sum), images = validate(
+            model, val_batches, device, cfg, extra=[loss_sum, n_images, train_s, wait_s])
+        faults.maybe_crash(loop_config.get("fault_drill"), "train", epoch, rank, before_exit=_committed)
+        epoch_s = time.perf_counter() - t0
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(n_images, 1),
+            "train_images": int(n_images),
+            "lr": lr,
+            # all ranks' images over the mean rank's time spent training
+            "images_per_s": n_images / max(train_s_sum / world, 1e-9),
+            # share of the training time the ranks spent waiting for input batches
+            "data_wait": wait_s_sum / max(train_s_sum, 1e-9),
+            "epoch_s": epoch_s,
+            "elapsed_s": elapsed_before + (time.perf_counter() - attempt_start),
+            **scores(accs, images),
+        }
+        history.append(record)
+        metrics = {**record, "start_epoch": start_epoch, "world_size": world,
+                   "worker_nodes": [w["node_id"] for w in workers]}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                write_checkpoint(tmp, {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                    "epoch": epoch,
+                    "config": cfg.to_dict(),
+                    "history": history,
+                    "hardware": hardware,
+                    "commands": commands,
+                }, record)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                log_epoch(record, cfg.epochs)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+    return {"start_epoch": start_epoch, "epochs": cfg.epochs, "world_size": world}
