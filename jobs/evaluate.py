@@ -2,11 +2,18 @@
 
     python -m jobs.evaluate --model runs/demo/model --data runs/demo/prepared --split test --out runs/demo/eval
     python -m jobs.evaluate --model busi-unet --data s3://bucket/busi-prepared --out s3://bucket/eval/busi-unet
+    python -m jobs.evaluate --model runs/busi-cal --data runs/busi_prepared --out runs/eval/no-gate --gate-threshold 0
+
+The model's post-processing (threshold, image-level gate, min area, largest component, TTA; as
+``jobs.calibrate`` stored it in the artifact) is used unless a flag overrides it; metrics.json
+records the values used.
 
 Writes into ``--out`` (local directory or ``s3://`` prefix): ``metrics.json`` (summaries overall and
 per class with 95 % bootstrap CIs, false-lesion rate on normal images, model id, data URI, manifest
-sha256), ``per_image.csv`` / ``per_image.parquet`` (Dice, IoU, precision, recall, HD95 per image;
-the Parquet file also holds each predicted mask), and ``report.html`` with its figures (overlays,
+sha256, post-processing; lesion Dice; for models with an image head the gate's AUROC, sensitivity
+and specificity and the malignant AUROC), ``per_image.csv`` / ``per_image.parquet`` (Dice, IoU,
+precision, recall, HD95, p(lesion), p(malignant) per image; the Parquet file also holds each
+predicted mask), and ``report.html`` with its figures (overlays,
 best/worst cases, training curves). Prints the report's path last.
 
 Single process: scoring a test split of a few hundred images needs no cluster. On a Ray cluster,
@@ -41,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the overlay sample (default: 0)")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one stored in the model artifact)")
+    p.add_argument("--gate-threshold", type=float, default=None,
+                   help="empty the mask of images whose p(lesion) from the image head is below this; "
+                        "0 = no gate (default: the artifact's)")
+    p.add_argument("--min-area", type=float, default=None,
+                   help="remove components smaller than this fraction of the image, e.g. 0.002 "
+                        "(default: the artifact's)")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest component (default: the artifact's)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the horizontal flip (default: the artifact's)")
     p.add_argument("--device", default="auto", help="'auto' = GPU if available (default), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--grid", type=int, default=12, help="images in the overlay grid, class-stratified (default: 12)")
     p.add_argument("--cases", type=int, default=4, help="best and worst cases shown (default: 4)")
@@ -48,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """``--device`` value -> a torch device string ('auto' = CUDA when available)."""
     import torch
 
     if name == "auto":
@@ -56,6 +74,40 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return name
+
+
+def _num(stat: dict | None, digits: int = 4) -> str:
+    """``mean [ci_low, ci_high]`` (the interval only when there is one); n/a when undefined."""
+    def f(v):
+        return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+    if stat is None or stat.get("mean") is None or stat["mean"] != stat["mean"]:
+        return "n/a"
+    ci = stat.get("ci_low")
+    return f(stat["mean"]) + ("" if ci is None or ci != ci else f" [{f(ci)}, {f(stat['ci_high'])}]")
+
+
+def summary_lines(m: dict) -> list[str]:
+    """The printed summary: overall Dice, the two failure modes, and the image head if any."""
+    overall, flr, missed = m["overall"], m["false_lesion_rate"], m["missed_lesion_rate"]
+    pp = m["postprocess"]
+    lines = [
+        f"post-processing: threshold {pp['threshold']}, gate {pp['gate_threshold']}, min area {pp['min_area']}, "
+        f"largest component {pp['largest_component']}, tta {pp['tta']}",
+        f"{overall['images']} images: Dice {_num(overall['dice'])}, IoU {_num(overall['iou'])}",
+        f"lesion Dice ({m['lesion_dice']['images']} benign/malignant images) {_num(m['lesion_dice'])}; "
+        f"false-lesion rate {flr['count']}/{flr['images']} {_num(flr, 3)}; "
+        f"missed lesions {missed['count']}/{missed['images']}",
+    ]
+    gate = m.get("gate")
+    if gate is None:
+        lines.append("image head: none (no gate metrics)")
+    else:
+        sens, spec = gate["sensitivity"], gate["specificity"]
+        lines.append(f"image head: lesion-vs-normal AUROC {_num(gate['auroc'], 3)}; gate {gate['threshold']}: "
+                     f"sensitivity {sens['count']}/{sens['images']} {_num(sens, 3)}, "
+                     f"specificity {spec['count']}/{spec['images']} {_num(spec, 3)}; "
+                     f"malignant-vs-benign AUROC {_num(m.get('malignant_auroc'), 3)}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,19 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[evaluate {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     loaded = load_artifact(args.model, device=device)
     log(f"model {loaded.model_id} ({loaded.settings.architecture}) on {device}; "
         f"scoring {args.data} split {args.split}")
     result = evaluate(loaded, args.data, args.split, batch_size=args.batch_size, n_bootstrap=args.bootstrap,
-                      seed=args.seed, threshold=args.threshold, device=device, model_ref=args.model,
+                      seed=args.seed, threshold=args.threshold, gate_threshold=args.gate_threshold,
+                      min_area=args.min_area, largest_component=args.largest_component, tta=args.tta,
+                      device=device, model_ref=args.model,
                       command=shlex.join(["python", "-m", "jobs.evaluate", *argv]), log=log)
-    overall = result.metrics["overall"]
-    flr = result.metrics["false_lesion_rate"]
-    dice = overall["dice"]
-    ci = f" [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}]" if args.bootstrap > 0 else ""
-    log(f"{overall['images']} images: Dice {dice['mean']:.4f}{ci}, "
-        f"IoU {overall['iou']['mean']:.4f}, false-lesion rate {flr['count']}/{flr['images']}")
+    for line in summary_lines(result.metrics):
+        log(line)
     paths = write_outputs(result, args.out, grid=args.grid, extremes=args.cases, seed=args.seed,
                           report=not args.no_report)
     log(f"metrics: {paths['metrics']}")

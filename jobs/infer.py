@@ -15,6 +15,11 @@ README); broken inputs become ``status = "error"`` rows and the job goes on. Rer
 command overwrites its parts; ``--incremental`` only processes inputs that are not in the output
 yet (scheduled runs over a growing archive, or finishing an interrupted run).
 
+Post-processing is the model artifact's (threshold, flip TTA, image-head gate, minimum region area,
+largest component: ``config.json``, chosen on validation); ``--threshold``, ``--tta/--no-tta``,
+``--gate-threshold`` (0 = no gate), ``--min-area`` and ``--largest-component/--no-largest-component``
+override it, and ``<output>/_runs/run-*.json`` records what was used.
+
 Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
 Ray with ``--num-cpus`` (default: all CPUs). S3 endpoint and credentials come from the AWS_*
 environment variables, or ``--endpoint`` / ``--access-key`` / ``--secret-key`` / ``--region``
@@ -68,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs per model actor (default: 1); workers x this + 1 must fit the cluster, the 1 "
                         "for reading, decoding and post-processing")
+    # Post-processing: the artifact's (config.json "threshold" and "postprocess", chosen on
+    # validation) unless a flag overrides it; the run record in <output>/_runs/ shows what was used.
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one stored in the model artifact)")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--largest-component", action="store_true",
-                   help="keep only the largest connected region of each mask")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the horizontally flipped prediction (default: the artifact's)")
+    p.add_argument("--gate-threshold", type=float, default=None, metavar="P",
+                   help="empty the mask when the image head's p(lesion) = 1 - p(normal) is below P; 0 = no "
+                        "gate (default: the artifact's; needs a model with an image head)")
+    p.add_argument("--min-area", type=float, default=None, metavar="FRACTION",
+                   help="remove mask regions smaller than this fraction of the image (default: the artifact's)")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest connected region of each mask (default: the artifact's)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images become error rows (decompression bombs; default: {DEFAULT_MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
@@ -106,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         id_column=args.id_column, chunk_size=args.chunk_size, workers=args.workers,
         batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, threshold=args.threshold, tta=args.tta,
+        gate_threshold=args.gate_threshold, min_area=args.min_area,
         largest_component=args.largest_component, incremental=args.incremental,
         retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         exclude=tuple(args.exclude), check_resources=args.check_resources)

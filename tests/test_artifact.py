@@ -193,6 +193,14 @@ def test_named_pretrained_artifacts(tmp_path, monkeypatch):
     assert load_artifact("unet-demo").config["architecture"] == "unet"
     with pytest.raises(FileNotFoundError, match="pretrained: unet-demo"):
         load_artifact("no-such-model")
+    monkeypatch.setitem(artifact.ALIASES, "demo", "unet-demo")   # an alias loads its target
+    assert load_artifact("demo").model_id == load_artifact("unet-demo").model_id
+
+
+def test_busi_alias_loads_the_recommended_busi_model():
+    target = artifact.ALIASES["busi"]
+    assert target in list_pretrained() and target.startswith("busi-")
+    assert load_artifact("busi").model_id == load_artifact(target).model_id
 
 
 @pytest.mark.parametrize("name", ["busi-unet", "busi-unet-256"])

@@ -38,6 +38,8 @@ from unet.evaluation import evaluate, predict_probabilities, write_outputs
 from unet.statistics import bootstrap_ci, summarize
 from unet.models import SegmentationModel, build_model
 from unet.phantoms import make_phantom
+from unet.postprocess import final_mask, image_probabilities
+from unet.transforms import preprocess, resize_probability
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 benign, 3 malignant, 3 normal; sizes differ from each other and from the model's 32x32 input.
@@ -180,6 +182,119 @@ def test_metrics_json_equals_recomputation_from_per_image_table(evaluated, works
     assert m["command"].startswith("python -m jobs.evaluate --model ")
 
 
+def test_model_without_a_head_reports_lesion_dice_and_no_gate(evaluated):
+    m, df = evaluated["metrics"], evaluated["csv"]
+    assert df["lesion_probability"].isna().all() and df["malignant_probability"].isna().all()
+    assert m["gate"] is None and m["malignant_auroc"] is None
+    lesion = df[df["class"] != "normal"]
+    assert m["lesion_dice"]["images"] == len(lesion) == 7
+    assert m["lesion_dice"]["mean"] == pytest.approx(lesion["dice"].mean())
+    assert m["lesion_dice"]["ci_low"] <= m["lesion_dice"]["mean"] <= m["lesion_dice"]["ci_high"]
+    # The artifact has no stored post-processing: plain thresholding, recorded as such.
+    assert m["postprocess"] == {"threshold": 0.5, "gate_threshold": None, "min_area": 0.0,
+                                "largest_component": False, "tta": False, "overridden": []}
+    html = (evaluated["out"] / "report.html").read_text()
+    assert "no image-level head" in html and "lesion Dice" in html
+    assert any("lesion Dice (7 benign/malignant images)" in line and "false-lesion rate" in line
+               for line in evaluated["stdout"].splitlines())
+    assert any("image head: none" in line for line in evaluated["stdout"].splitlines())
+
+
+def _hand_table() -> pd.DataFrame:
+    """Nine images with made-up scores and image-head probabilities."""
+    classes = ["benign"] * 3 + ["malignant"] * 2 + ["normal"] * 4
+    lesion = [0.9, 0.6, 0.3, 0.8, 0.95, 0.2, 0.5, 0.65, 0.1]
+    malignant = [0.1, 0.5, 0.2, 0.7, 0.4, 0.0, 0.0, 0.0, 0.0]
+    dice = [0.8, 0.6, 0.0, 0.9, 0.7, 1.0, 0.0, 1.0, 1.0]
+    pred = [10, 8, 0, 12, 9, 0, 5, 0, 0]
+    return pd.DataFrame({
+        "id": [f"i{k}" for k in range(9)], "class": classes, "dice": dice, "iou": dice, "precision": dice,
+        "recall": dice, "hd95": [1.0] * 9, "tp": pred, "fp": [0] * 9, "fn": [2] * 5 + [0] * 4, "tn": [100] * 9,
+        "pred_pixels": pred, "lesion_probability": lesion, "malignant_probability": malignant,
+    })
+
+
+def test_gate_metrics_match_hand_computed_numbers():
+    df = _hand_table()
+    m = summarize(df, n_bootstrap=400, seed=0, gate_threshold=0.55)
+    gate = m["gate"]
+    # Lesion p(lesion) 0.9, 0.6, 0.3, 0.8, 0.95 vs normal 0.2, 0.5, 0.65, 0.1: 4 + 3 + 2 + 4 + 4 = 17
+    # of the 20 pairs ranked correctly.
+    assert gate["threshold"] == 0.55
+    assert gate["auroc"]["mean"] == pytest.approx(17 / 20) and gate["auroc"]["images"] == 9
+    # Kept: p >= 0.55. Lesion images kept 4/5 (0.3 is gated); normal images gated 3/4 (0.65 kept).
+    assert (gate["sensitivity"]["count"], gate["sensitivity"]["images"]) == (4, 5)
+    assert gate["sensitivity"]["mean"] == pytest.approx(0.8)
+    assert (gate["specificity"]["count"], gate["specificity"]["images"]) == (3, 4)
+    assert gate["specificity"]["mean"] == pytest.approx(0.75)
+    # Malignant 0.7, 0.4 vs benign 0.1, 0.5, 0.2: 3 + 2 of 6 pairs.
+    assert m["malignant_auroc"]["mean"] == pytest.approx(5 / 6) and m["malignant_auroc"]["images"] == 5
+    assert m["lesion_dice"]["mean"] == pytest.approx((0.8 + 0.6 + 0.0 + 0.9 + 0.7) / 5)
+    for stat in (gate["auroc"], gate["sensitivity"], gate["specificity"], m["malignant_auroc"], m["lesion_dice"]):
+        assert stat["ci_low"] - 1e-12 <= stat["mean"] <= stat["ci_high"] + 1e-12, stat
+        assert stat["ci_low"] < stat["ci_high"]
+    # No gate: every image kept.
+    off = summarize(df, n_bootstrap=0, gate_threshold=None)["gate"]
+    assert off["threshold"] is None and off["sensitivity"]["mean"] == 1.0 and off["specificity"]["mean"] == 0.0
+    assert off["auroc"]["mean"] == pytest.approx(17 / 20) and math.isnan(off["auroc"]["ci_low"])
+    # Without a head (column missing or all NaN) there is nothing to report.
+    assert summarize(df.drop(columns=["lesion_probability", "malignant_probability"]), n_bootstrap=0)["gate"] is None
+    nan = df.assign(lesion_probability=math.nan, malignant_probability=math.nan)
+    assert summarize(nan, n_bootstrap=0)["malignant_auroc"] is None
+
+
+def test_evaluation_with_an_image_head_and_postprocess_flags(workspace, tmp_path):
+    """A real UNet with an image head: the per-image p(lesion)/p(malignant) are the head's (with
+    TTA), the masks are final_mask's with the flags' values, and the gate metrics follow."""
+    torch.manual_seed(1)
+    model = build_model("unet", channels=(4, 8), image_classes=3).eval()
+    path = save_artifact(model, tmp_path / "head", input_size=(32, 32), normalization={"mean": 0.5, "std": 0.25})
+    first = evaluate(load_artifact(path), workspace["data"], "test", n_bootstrap=0, tta=True)
+    gate = float(first.per_image["lesion_probability"].median())
+    out = tmp_path / "eval"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = evaluate_main(["--model", str(path), "--data", workspace["data"], "--out", str(out),
+                              "--bootstrap", "100", "--tta", "--gate-threshold", str(gate), "--min-area", "0.002",
+                              "--largest-component", "--threshold", "0.45", "--grid", "3", "--cases", "1"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    df = pd.read_parquet(out / "per_image.parquet").set_index("id")
+    assert m["postprocess"] == {"threshold": 0.45, "gate_threshold": gate, "min_area": 0.002, "largest_component": True,
+                                "tta": True, "overridden": ["gate_threshold", "largest_component", "min_area",
+                                                            "threshold", "tta"]}
+    shards = pd.concat([pd.read_parquet(p) for p in sorted(Path(workspace["data"], "test").glob("*.parquet"))])
+    for row in shards.itertuples():
+        image = cv2.imdecode(np.frombuffer(row.image_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        x = torch.from_numpy(preprocess(image, (32, 32), 0.5, 0.25)[None])
+        prob, class_prob = load_artifact(path).model.predict_proba(x, tta=True)
+        lesion, malignant = image_probabilities(class_prob.numpy())
+        assert df.loc[row.id, "lesion_probability"] == pytest.approx(float(lesion[0]), abs=1e-6)
+        assert df.loc[row.id, "malignant_probability"] == pytest.approx(float(malignant[0]), abs=1e-6)
+        expected = final_mask(resize_probability(prob[0, 0].numpy(), image.shape), threshold=0.45,
+                              lesion_probability=float(df.loc[row.id, "lesion_probability"]), gate_threshold=gate,
+                              min_area=0.002, largest_component=True)
+        pred = cv2.imdecode(np.frombuffer(df.loc[row.id, "pred_png"], np.uint8), cv2.IMREAD_UNCHANGED) > 0
+        assert np.array_equal(pred, expected), row.id
+    gated = df["lesion_probability"] < gate
+    assert gated.any() and (df.loc[gated, "pred_pixels"] == 0).all()
+    lesion = df["class"] != "normal"
+    g = m["gate"]
+    assert g["threshold"] == gate
+    assert g["sensitivity"]["count"] == int((~gated & lesion).sum())
+    assert g["specificity"]["count"] == int((gated & ~lesion).sum())
+    assert g["auroc"]["mean"] == pytest.approx(M.auroc(df["lesion_probability"], lesion))
+    assert m["malignant_auroc"]["images"] == int(lesion.sum())
+    html = (out / "report.html").read_text()
+    assert "lesion vs normal AUROC" in html and "gate sensitivity" in html
+    assert any(line.count("AUROC") == 2 and "sensitivity" in line for line in printed.getvalue().splitlines())
+
+
+def test_postprocess_flags_are_checked(workspace, tmp_path, capsys):
+    code, err = _run_inprocess(capsys, ["--model", workspace["model"], "--data", workspace["data"], "--out",
+                                        str(tmp_path / "o"), "--min-area", "1.5"])
+    assert code == 2 and err.count("\n") == 1 and "min_area" in err
+
+
 def test_summaries_are_seeded(evaluated):
     df = evaluated["csv"]
     a, b = summarize(df, n_bootstrap=200, seed=1), summarize(df, n_bootstrap=200, seed=1)
@@ -215,7 +330,9 @@ def test_prediction_is_made_at_model_size_and_returned_at_original_size():
     image = np.full((45, 70), 200, np.uint8)
     image[10:30, 20:50] = 10  # a dark block
     settings = ModelSettings("test", (16, 16), mean=0.5, std=0.25, threshold=0.5)
-    (prob,) = predict_probabilities(_DarkIsLesion(), [image], settings)
+    probs = predict_probabilities(_DarkIsLesion(), [image], settings)
+    assert probs.lesion is None and probs.malignant is None  # no image head
+    (prob,) = probs.masks
     assert prob.shape == (45, 70) and prob.dtype == np.float32
     pred = prob >= 0.5
     # Bilinear resizing from 16x16 blurs the block edges by at most a few pixels.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -30,13 +31,15 @@ from unet import inference as inf
 from unet import storage
 from unet.artifact import load_artifact, save_artifact
 from unet.faults import DRILL_ENV, drill
+from unet.inference.model import postprocess
 from unet.inference.output import PIPELINE_SCHEMA, PartAssembler
 from unet.inference.plan import Chunk, DoneIndex, PlanWriter, plan_inputs, subtract_ranges
 from unet.inference.read import read_and_decode
 from unet.models import build_model
 from unet.phantoms import generate
+from unet.postprocess import final_mask
 from unet.runtime import UsageError
-from unet.transforms import preprocess, resize_probability
+from unet.transforms import normalize, preprocess, resize_probability
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_SIZE = (32, 32)
@@ -195,6 +198,40 @@ def model_dir(tmp_path_factory) -> str:
                          input_size=INPUT_SIZE, normalization={"mean": 0.5, "std": 0.25}, threshold=0.5)
 
 
+# The post-processing stored in the image-head model's artifact: a gate above every lesion
+# probability of this untrained head (about 2/3), so by default every mask is emptied.
+HEAD_POSTPROCESS = {"gate_threshold": 0.99, "min_area": 0.01, "largest_component": True, "tta": True}
+
+
+def tiny_head_model() -> torch.nn.Module:
+    """Seeded so that the phantoms' masks cover about half of each image, in several regions."""
+    torch.manual_seed(3)
+    model = build_model("unet", channels=(4, 8), image_classes=3).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def head_model_dir(tmp_path_factory) -> str:
+    """A tiny UNet with an image-level head (benign/malignant/normal) and calibrated post-processing."""
+    dest = tmp_path_factory.mktemp("model") / "tiny-head"
+    return save_artifact(tiny_head_model(), dest, architecture="unet",
+                         model_kwargs={"channels": [4, 8], "image_classes": 3}, input_size=INPUT_SIZE,
+                         normalization={"mean": 0.5, "std": 0.25}, threshold=0.5, postprocess=HEAD_POSTPROCESS)
+
+
+@pytest.fixture(scope="module")
+def head_corpus(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """Phantom PNGs (image_id -> pixels) and one file that is not an image."""
+    root = tmp_path_factory.mktemp("head-corpus")
+    images = {f"{p.id}.png": p.image for p in generate(6, seed=4, size=(40, 48))}
+    for name, image in images.items():
+        (root / name).write_bytes(png(image))
+    (root / "broken.png").write_bytes(b"not an image")
+    return root, images
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
@@ -217,6 +254,21 @@ def read_output(uri: str, **kw) -> pd.DataFrame:
 
 def part_files(out: Path) -> list[Path]:
     return sorted(out.glob("part-*.parquet"))
+
+
+def run_record(out: Path) -> dict:
+    (path,) = (out / "_runs").glob("run-*.json")
+    return json.loads(path.read_text())
+
+
+def direct_prediction(model_dir, image: np.ndarray, *, tta: bool) -> tuple[np.ndarray, float, float]:
+    """(probability at the original size, p(lesion), p(malignant)) from the model itself."""
+    loaded = load_artifact(model_dir)
+    x = torch.from_numpy(preprocess(image, INPUT_SIZE, 0.5, 0.25)[None])
+    with torch.inference_mode():
+        prob, class_prob = loaded.model.predict_proba(x, tta=tta)
+    benign, malignant, normal = class_prob[0].tolist()  # unet.shards.CLASSES order
+    return resize_probability(prob[0, 0].numpy(), image.shape), 1.0 - normal, malignant
 
 
 def config(model_dir, input, output, **kw) -> inf.InferenceConfig:
@@ -313,6 +365,86 @@ def test_largest_component_keeps_only_the_biggest_region():
     prob[5:9, 5:9] = 0.9
     mask, _ = inf.postprocess_probability(prob, (10, 10), 0.5, largest_component=True)
     assert mask.sum() == 16 and mask[5:9, 5:9].all()
+
+
+def test_postprocess_gates_on_lesion_probability_and_leaves_error_rows_null():
+    prob = np.zeros((4, 8, 8), np.float32)
+    prob[:, 2:6, 2:6] = 0.9
+    batch = {"_chunk": np.array(["c"] * 4), "_seq": np.arange(4), "_n": np.full(4, -1),
+             "image_id": np.array(["low", "high", "broken", "headless"]),
+             "source_uri": np.array(["u"] * 4), "error": np.array(["", "", "not an image", ""]),
+             "height": np.full(4, 8), "width": np.full(4, 8), "prob": prob,
+             "lesion_probability": np.array([0.2, 0.9, np.nan, np.nan], np.float32),
+             "malignant_probability": np.array([0.1, 0.6, np.nan, np.nan], np.float32)}
+    rule = {"threshold": 0.5, "gate_threshold": 0.5, "min_area": 0.0, "largest_component": False}
+    rows = {r["image_id"]: r for r in postprocess(batch, mask_rule=rule, model_id="m").to_pylist()}
+    # Gated: an empty mask, but the image probabilities are still reported.
+    assert rows["low"]["tumour_pixels"] == 0 and rows["low"]["bbox"] is None
+    assert rows["low"]["lesion_probability"] == pytest.approx(0.2)
+    assert rows["low"]["malignant_probability"] == pytest.approx(0.1)
+    assert rows["high"]["tumour_pixels"] == 16 and rows["high"]["lesion_probability"] == pytest.approx(0.9)
+    assert rows["broken"]["status"] == "error" and rows["broken"]["lesion_probability"] is None
+    assert rows["broken"]["malignant_probability"] is None
+    # No image head: nothing to gate on, so the mask stays; the probabilities are null, not NaN.
+    assert rows["headless"]["tumour_pixels"] == 16 and rows["headless"]["lesion_probability"] is None
+    assert rows["headless"]["malignant_probability"] is None
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predictor_adds_image_probabilities_from_the_head_and_nan_elsewhere(model_dir, tta):
+    from unet.settings import ModelSettings
+
+    settings = ModelSettings("unet", INPUT_SIZE, 0.5, 0.25, tta=tta)
+    x = np.stack([gray(*INPUT_SIZE, seed=i) for i in range(3)])
+    batch = {"x": x, "error": np.array(["", "broken", ""]), "_seq": np.array([0, 1, 2])}
+    threads = torch.get_num_threads()  # the actor sets torch's thread count; keep this process's
+    head = tiny_head_model()
+    out = inf.Predictor(head, settings=settings, use_gpu=False, num_threads=threads)(dict(batch))
+    inputs = torch.from_numpy(normalize(x[[0, 2]], 0.5, 0.25)[:, None])
+    with torch.inference_mode():
+        prob, class_prob = head.predict_proba(inputs, tta=tta)
+    assert out["lesion_probability"].dtype == out["malignant_probability"].dtype == np.float32
+    np.testing.assert_allclose(out["lesion_probability"][[0, 2]], 1 - class_prob[:, 2].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["malignant_probability"][[0, 2]], class_prob[:, 1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["prob"][[0, 2]], prob[:, 0].numpy(), atol=1e-4)
+    assert np.isnan(out["lesion_probability"][1]) and np.isnan(out["malignant_probability"][1])
+    assert not out["prob"][1].any()
+
+    headless = load_artifact(model_dir).model
+    out = inf.Predictor(headless, settings=settings, use_gpu=False, num_threads=threads)(dict(batch))
+    assert np.isnan(out["lesion_probability"]).all() and np.isnan(out["malignant_probability"]).all()
+
+
+def test_postprocess_flags_default_to_the_artifact_and_override_it():
+    from jobs.infer import build_parser
+
+    base = ["--model", "m", "--input", "i", "--output", "o"]
+    args = build_parser().parse_args(base)
+    assert (args.threshold, args.tta, args.gate_threshold, args.min_area, args.largest_component) == (
+        None, None, None, None, None)
+    args = build_parser().parse_args(base + ["--no-tta", "--largest-component", "--gate-threshold", "0",
+                                             "--min-area", "0.002", "--threshold", "0.4"])
+    assert (args.threshold, args.tta, args.gate_threshold, args.min_area, args.largest_component) == (
+        0.4, False, 0.0, 0.002, True)
+    args = build_parser().parse_args(base + ["--tta", "--no-largest-component"])
+    assert (args.tta, args.largest_component) == (True, False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"gate_threshold": 1.0}, "gate_threshold must be a probability in"),
+    ({"gate_threshold": -0.1}, "gate_threshold must be a probability in"),
+    ({"min_area": 1.5}, "min_area must be a fraction of the image"),
+    ({"tta": "yes"}, "tta must be true or false"),
+])
+def test_bad_postprocess_overrides_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        inf.InferenceConfig(model="m", input="i", output="o", **bad)
+
+
+def test_a_gate_on_a_model_without_an_image_head_is_refused(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs a model with an image-level head.*--gate-threshold 0"):
+        inf.run_inference(config(model_dir, tmp_path, tmp_path / "out", gate_threshold=0.5))
+    assert not (tmp_path / "out").exists()
 
 
 def pipeline_rows(chunk: str, seqs: list[int], n: int = -1) -> pa.Table:
@@ -470,6 +602,76 @@ def test_same_masks_as_calling_the_model_directly(corpus_run, model_dir):
         row = df[df["image_id"] == f"phantoms/deeper/{name}"].iloc[0]
         got = np.asarray(Image.open(io.BytesIO(row["mask_png"]))) == 255
         assert np.array_equal(got, want), name
+
+
+@pytest.mark.slow
+def test_model_without_an_image_head_gives_null_image_probabilities(corpus_run):
+    _, _, out, _, df = corpus_run
+    assert df["lesion_probability"].isna().all() and df["malignant_probability"].isna().all()
+    assert run_record(out)["postprocess"] == {"threshold": 0.5, "gate_threshold": None, "min_area": 0.0,
+                                              "largest_component": False, "tta": False}
+
+
+@pytest.mark.slow
+def test_artifact_postprocess_is_the_default_and_its_gate_empties_every_mask(ray_local, head_model_dir,
+                                                                             head_corpus, tmp_path):
+    root, images = head_corpus
+    out = tmp_path / "out"
+    summary = inf.run_inference(config(head_model_dir, root, out))
+    df = read_output(str(out)).set_index("image_id")
+    assert summary.rows_ok == len(images) and summary.rows_error == 1
+    assert run_record(out)["postprocess"] == {"threshold": 0.5, **HEAD_POSTPROCESS}
+    assert df.loc["broken.png", "status"] == "error"
+    assert df.loc["broken.png", ["lesion_probability", "malignant_probability"]].isna().all()
+    for name, image in images.items():
+        row = df.loc[name]
+        prob, lesion, malignant = direct_prediction(head_model_dir, inf.decode_image((root / name).read_bytes()),
+                                                    tta=True)
+        assert 0 <= row["lesion_probability"] <= 1 and 0 <= row["malignant_probability"] <= 1
+        assert row["lesion_probability"] == pytest.approx(lesion, abs=1e-4)
+        assert row["malignant_probability"] == pytest.approx(malignant, abs=1e-4)
+        # The premise: the gate is above every lesion probability, and it is the gate, not the
+        # model, that empties the masks.
+        assert lesion < HEAD_POSTPROCESS["gate_threshold"]
+        assert final_mask(prob, threshold=0.5, min_area=0.01, largest_component=True).any()
+        assert row["tumour_pixels"] == 0 and row["bbox"] is None
+        assert not np.asarray(Image.open(io.BytesIO(row["mask_png"]))).any()
+
+
+@pytest.mark.slow
+def test_flags_override_the_artifact_postprocess_and_the_run_record_shows_it(ray_local, head_model_dir,
+                                                                             head_corpus, tmp_path, caplog):
+    from jobs.infer import main
+
+    root, images = head_corpus
+    out = tmp_path / "out"
+    argv = ["--model", str(head_model_dir), "--input", str(root), "--output", str(out), "--chunk-size", "4",
+            "--batch-size", "4", "--gate-threshold", "0", "--no-tta", "--threshold", "0.45"]
+    assert main(argv) == 0
+    record = run_record(out)
+    # Overridden: gate (0 = off, recorded as no gate), tta, threshold; the rest is the artifact's.
+    assert record["postprocess"] == {"threshold": 0.45, "gate_threshold": None, "min_area": 0.01,
+                                     "largest_component": True, "tta": False}
+    assert record["config"]["gate_threshold"] == 0.0 and record["config"]["largest_component"] is None
+    df = read_output(str(out)).set_index("image_id")
+    assert pd.isna(df.loc["broken.png", "lesion_probability"])
+    for name in images:
+        image = inf.decode_image((root / name).read_bytes())
+        prob, lesion, malignant = direct_prediction(head_model_dir, image, tta=False)
+        row = df.loc[name]
+        assert row["lesion_probability"] == pytest.approx(lesion, abs=1e-4)
+        assert row["malignant_probability"] == pytest.approx(malignant, abs=1e-4)
+        want = final_mask(prob, threshold=0.45, min_area=0.01, largest_component=True)
+        got = np.asarray(Image.open(io.BytesIO(row["mask_png"]))) == 255
+        assert np.array_equal(got, want), name
+    assert (df["tumour_pixels"] > 0).sum() == len(images)  # without the gate, real masks come back
+
+    # An incremental run with other post-processing adds nothing here, but says that the parts
+    # already in the output were made with other settings.
+    caplog.set_level(logging.WARNING, logger="unet.inference")
+    summary = inf.run_inference(config(head_model_dir, root, out, incremental=True, min_area=0.02))
+    assert summary.units_planned == 0 and summary.units_skipped == len(images) + 1
+    assert "other post-processing" in caplog.text and '"min_area": 0.01' in caplog.text
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ from .settings import (ModelSettings, check_architecture, check_input_size, chec
                        check_threshold)
 
 __all__ = [
+    "ALIASES",
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_DIR",
@@ -143,6 +144,11 @@ def _write(location: str, name: str, data: bytes) -> None:
         Path(path).write_bytes(data)
 
 
+# Names that always load the recommended shipped model of a dataset; old names stay loadable, so
+# runs that named them reproduce.
+ALIASES = {"busi": "busi-unet"}
+
+
 def list_pretrained() -> list[str]:
     """Names of the artifacts shipped in ``unet/weights/`` (each a directory with a config.json)."""
     if not WEIGHTS_DIR.is_dir():
@@ -163,11 +169,13 @@ def _resolve(name_or_path_or_uri: str | os.PathLike) -> str:
             )
         return str(path)
     if source and "/" not in source and os.sep not in source and source not in (".", ".."):
+        source = ALIASES.get(source, source)
         if (WEIGHTS_DIR / source / CONFIG_NAME).is_file():
             return str(WEIGHTS_DIR / source)
         raise FileNotFoundError(
             f"{source!r}: no such artifact directory and no pretrained model of that name "
-            f"(pretrained: {', '.join(list_pretrained()) or 'none'})"
+            f"(pretrained: {', '.join(list_pretrained()) or 'none'}; aliases: "
+            f"{', '.join(f'{a} = {t}' for a, t in ALIASES.items())})"
         )
     raise FileNotFoundError(f"{path}: model artifact directory does not exist")
 

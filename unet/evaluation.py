@@ -3,10 +3,13 @@
 What is measured, and how (the choices a reader needs to trust a number):
 
 * Each image is predicted at the model's own input size (``loaded.settings.input_size``, normalised
-  as its settings say, :func:`unet.transforms.preprocess`); the probability map is resized back to the
-  image's ORIGINAL size (:func:`unet.transforms.resize_probability`) and thresholded there
-  (``prob >= threshold``), and scored against the original-size mask. So the numbers are what a
-  user of ``jobs.infer`` gets, not a score on down-sampled masks.
+  as its settings say, :func:`unet.transforms.preprocess`; averaged with the horizontal flip when the
+  settings ask for TTA); the probability map is resized back to the image's ORIGINAL size
+  (:func:`unet.transforms.resize_probability`) and turned into the final mask there by
+  :func:`unet.postprocess.final_mask` with the artifact's post-processing (threshold, image-level
+  gate, small-component removal, largest component; each can be overridden), and scored against
+  the original-size mask. So the numbers are what a user of ``jobs.infer`` gets, not a score on
+  down-sampled masks.
 * Per image: confusion counts, Dice, IoU, precision, recall (:func:`unet.metrics.scores_from_counts`,
   with its empty-mask rule: a normal image with an empty prediction scores 1.0, with any predicted
   pixel 0.0) and HD95 in pixels of the original image (NaN when exactly one mask is empty; such
@@ -16,7 +19,9 @@ What is measured, and how (the choices a reader needs to trust a number):
   with a 95 % percentile-bootstrap confidence interval: images are resampled with replacement
   (numpy, seeded, ``n_bootstrap`` times) within the group being summarised.
 * The false-lesion rate: the share of normal images with any predicted pixel. The missed-lesion
-  rate: the share of benign/malignant images with no predicted pixel.
+  rate: the share of benign/malignant images with no predicted pixel. Lesion Dice: the mean Dice
+  over benign/malignant images. For a model with an image head, the per-image ``p(lesion)`` and
+  ``p(malignant)`` and their AUROCs, and what the gate keeps (:func:`unet.statistics.summarize`).
 
 Example::
 
@@ -35,7 +40,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,8 +50,9 @@ import torch
 
 from unet import metrics as M
 from unet import storage
-from unet.settings import ModelSettings
 from unet.codec import decode_png, encode_mask_png
+from unet.postprocess import final_mask, image_probabilities
+from unet.settings import ModelSettings
 from unet.shards import CLASSES, manifest_sha256
 from unet.statistics import summarize
 from unet.transforms import preprocess, resize_probability
@@ -55,8 +61,10 @@ __all__ = [
     "CLASSES",
     "Case",
     "EvaluationResult",
+    "Probabilities",
     "evaluate",
     "load_cases",
+    "predict_masks",
     "predict_probabilities",
     "read_split",
     "score_image",
@@ -66,7 +74,8 @@ __all__ = [
 # Columns of the per-image table, in order (pred_png only in the Parquet copy).
 PER_IMAGE_COLUMNS = (
     "id", "class", "height", "width", "gt_pixels", "pred_pixels", "tp", "fp", "fn", "tn",
-    "dice", "iou", "precision", "recall", "hd95", "mean_prob_in_pred", "shard",
+    "dice", "iou", "precision", "recall", "hd95", "mean_prob_in_pred", "lesion_probability",
+    "malignant_probability", "shard",
 )  # fmt: skip
 _SHARD_COLUMNS = ["id", "class", "image_png", "mask_png", "height", "width"]
 
@@ -143,25 +152,44 @@ def _decode_row(row: dict, shard: str) -> Sample:
 # Prediction and per-image scores
 # --------------------------------------------------------------------------------------------
 
-def predict_probabilities(model: torch.nn.Module, images: Sequence[np.ndarray], settings: ModelSettings,
-                          device: torch.device | str = "cpu") -> list[np.ndarray]:
-    """Foreground probability for each (H, W) uint8 image, at that image's original size (float32).
+class Probabilities(NamedTuple):
+    """What the model says about a batch of images, before post-processing."""
 
-    ``model`` is a :class:`unet.models.SegmentationModel` (its ``predict`` gives the final logits);
-    ``settings`` (:class:`unet.artifact.ModelSettings`) gives the input size and normalisation.
+    masks: list[np.ndarray]  # foreground probability per image, (H, W) float32 at its original size
+    lesion: np.ndarray | None  # (B,) p(lesion) = 1 - p(normal) from the image head; None without one
+    malignant: np.ndarray | None  # (B,) p(malignant) from the image head; None without one
+
+
+def predict_probabilities(model: torch.nn.Module, images: Sequence[np.ndarray], settings: ModelSettings,
+                          device: torch.device | str = "cpu") -> Probabilities:
+    """Foreground probabilities of (H, W) uint8 images at their original sizes, and the image
+    head's ``p(lesion)``/``p(malignant)`` when the model has one.
+
+    ``model`` is a :class:`unet.models.SegmentationModel` (``predict_proba``); ``settings``
+    (:class:`unet.settings.ModelSettings`) gives the input size, the normalisation and ``tta``.
     """
     if not images:
-        return []
+        return Probabilities([], None, None)
     x = np.stack([preprocess(img, settings.input_size, settings.mean, settings.std) for img in images])
     with torch.inference_mode():
-        logits = model.predict(torch.from_numpy(x).to(device))
-        prob = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-    return [resize_probability(p, img.shape[:2]) for p, img in zip(prob, images, strict=True)]
+        prob, class_prob = model.predict_proba(torch.from_numpy(x).to(device), tta=settings.tta)
+    prob = prob[:, 0].cpu().numpy()
+    lesion, malignant = image_probabilities(None if class_prob is None else class_prob.cpu().numpy())
+    masks = [resize_probability(p, img.shape[:2]) for p, img in zip(prob, images, strict=True)]
+    return Probabilities(masks, lesion, malignant)
 
 
-def score_image(prob: np.ndarray, target: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray]:
-    """Scores of one prediction at original size; returns ``(record, predicted_mask_bool)``."""
-    pred = prob >= threshold
+def predict_masks(probs: Probabilities, settings: ModelSettings) -> list[np.ndarray]:
+    """The final bool masks (:func:`unet.postprocess.final_mask`) with ``settings``' post-processing."""
+    lesion = [None] * len(probs.masks) if probs.lesion is None else [float(v) for v in probs.lesion]
+    return [final_mask(prob, threshold=settings.threshold, lesion_probability=p, gate_threshold=settings.gate_threshold,
+                       min_area=settings.min_area, largest_component=settings.largest_component)
+            for prob, p in zip(probs.masks, lesion, strict=True)]
+
+
+def score_image(prob: np.ndarray, target: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Scores of one final mask ``pred`` (bool, original size) against ``target``; ``prob`` is the
+    probability map it came from (for the mean probability inside the mask)."""
     tp, fp, fn, tn = (int(v) for v in M.counts(pred, target)[0])
     scores = M.scores_from_counts(tp, fp, fn)
     pred_pixels = tp + fp
@@ -172,7 +200,7 @@ def score_image(prob: np.ndarray, target: np.ndarray, threshold: float) -> tuple
         # Mean probability inside the predicted mask: a cheap confidence for the report.
         "mean_prob_in_pred": float(prob[pred].mean()) if pred_pixels else math.nan,
     }
-    return record, pred
+    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +221,8 @@ class EvaluationResult:
 
 def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int = 8,
              n_bootstrap: int = 1000, seed: int = 0, threshold: float | None = None,
+             gate_threshold: float | None = None, min_area: float | None = None,
+             largest_component: bool | None = None, tta: bool | None = None,
              device: torch.device | str = "cpu", model_ref: str | None = None,
              command: str | None = None, log: Any = None) -> EvaluationResult:
     """Score ``loaded`` (a :class:`unet.artifact.LoadedModel`) on every image of ``data_uri/split``.
@@ -204,7 +234,9 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
         batch_size: images per forward pass (memory, not results, depends on it).
         n_bootstrap: bootstrap resamples for the CIs (0 = no CIs).
         seed: bootstrap seed; the same seed gives the same CIs.
-        threshold: overrides the artifact's threshold.
+        threshold, gate_threshold, min_area, largest_component, tta: override the artifact's
+            post-processing (:class:`unet.settings.ModelSettings`); None keeps the artifact's value,
+            ``gate_threshold=0`` switches its gate off.
         model_ref: how the user named the model (recorded in metrics.json).
         command: the command line that ran this evaluation (recorded in metrics.json).
         log: optional callable taking a progress line.
@@ -213,17 +245,21 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if n_bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0; got {n_bootstrap}")
-    settings = loaded.settings.with_threshold(threshold)
+    overrides = {"threshold": threshold, "gate_threshold": gate_threshold, "min_area": min_area,
+                 "largest_component": largest_component, "tta": tta}
+    settings = loaded.settings.with_postprocess(**overrides)
     model = loaded.model.to(device).eval()
     records: list[dict] = []
     batch: list[Sample] = []
 
     def flush() -> None:
         probs = predict_probabilities(model, [s.image for s in batch], settings, device)
-        for s, prob in zip(batch, probs, strict=True):
-            record, pred = score_image(prob, s.mask, settings.threshold)
-            records.append({"id": s.id, "class": s.cls, **record, "shard": s.shard,
-                            "pred_png": encode_mask_png(pred)})
+        preds = predict_masks(probs, settings)
+        for i, (s, prob, pred) in enumerate(zip(batch, probs.masks, preds, strict=True)):
+            head = {"lesion_probability": math.nan if probs.lesion is None else float(probs.lesion[i]),
+                    "malignant_probability": math.nan if probs.malignant is None else float(probs.malignant[i])}
+            records.append({"id": s.id, "class": s.cls, **score_image(prob, s.mask, pred), **head,
+                            "shard": s.shard, "pred_png": encode_mask_png(pred)})
         batch.clear()
         if log is not None:
             log(f"scored {len(records)} images")
@@ -245,6 +281,8 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
     config = loaded.config
     provenance = config.get("provenance") or {}
     counts_by_class = {cls: int((per_image["class"] == cls).sum()) for cls in CLASSES}
+    postprocess = {"threshold": settings.threshold, **settings.postprocess,
+                   "overridden": sorted(k for k, v in overrides.items() if v is not None)}
     metrics = {
         "schema_version": 1,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -255,21 +293,29 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
             "normalization": {"mean": settings.mean, "std": settings.std},
         },
         "model_id": loaded.model_id,
+        "postprocess": postprocess,
         "data": {"uri": data_uri, "split": split, "manifest_sha256": manifest_sha256(data_uri)},
         "counts": {"images": int(len(per_image)), **counts_by_class},
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "ci": 0.95,
                       "method": "percentile, images resampled with replacement within each group"},
         "definitions": {
-            "prediction": "sigmoid at the model input size, resized (bilinear) to the original image "
-                          "size, then prob >= threshold",
+            "prediction": "sigmoid at the model input size (with tta: mean with the horizontal flip), "
+                          "resized (bilinear) to the original image size, then unet.postprocess.final_mask: "
+                          "prob >= threshold; emptied when p(lesion) < gate_threshold; components smaller "
+                          "than min_area x image pixels removed; largest component only if largest_component",
             "macro": "mean over images of each image's score",
             "micro": "score of the counts summed over images",
             "empty_rule": "empty truth and empty prediction score 1.0; exactly one empty scores 0.0",
             "hd95": "pixels of the original image; undefined (NaN) when exactly one mask is empty",
             "false_lesion_rate": "share of normal images with any predicted pixel",
             "missed_lesion_rate": "share of benign/malignant images with no predicted pixel",
+            "lesion_dice": "mean per-image Dice over benign/malignant images",
+            "lesion_probability": "image head: 1 - p(normal); NaN without an image head",
+            "gate": "AUROC of lesion_probability for lesion vs normal images; at the gate threshold used, "
+                    "sensitivity = share of lesion images kept, specificity = share of normal images gated",
+            "malignant_auroc": "AUROC of malignant_probability for malignant vs benign (lesion images only)",
         },
-        **summarize(per_image, n_bootstrap=n_bootstrap, seed=seed),
+        **summarize(per_image, n_bootstrap=n_bootstrap, seed=seed, gate_threshold=settings.gate_threshold),
     }
     return EvaluationResult(per_image=per_image, metrics=metrics, data_uri=data_uri, split=split,
                             history=provenance.get("history"))

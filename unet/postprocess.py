@@ -22,9 +22,9 @@ from scipy import ndimage
 
 from unet.shards import CLASSES
 
-__all__ = ["final_mask", "image_probabilities"]
+__all__ = ["CONNECTIVITY", "final_mask", "image_probabilities"]
 
-_CONNECTIVITY = np.ones((3, 3), bool)  # 8-connected components
+CONNECTIVITY = np.ones((3, 3), bool)  # 8-connected components
 
 
 def image_probabilities(class_prob: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -54,7 +54,7 @@ def final_mask(prob: np.ndarray, *, threshold: float, lesion_probability: float 
     if gated or not mask.any():
         return np.zeros_like(mask) if gated else mask
     if min_area > 0 or largest_component:
-        labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+        labels, count = ndimage.label(mask, structure=CONNECTIVITY)
         if count:
             sizes = np.bincount(labels.ravel())
             sizes[0] = 0

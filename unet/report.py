@@ -231,12 +231,39 @@ def _summary_table(metrics: Mapping[str, Any]) -> str:
 
 
 def _rates_table(metrics: Mapping[str, Any]) -> str:
+    """The two failure modes the project reports (Dice on lesion images, false lesions on normal
+    images) and the missed-lesion rate."""
     rows = []
+    lesion = metrics.get("lesion_dice")
+    if lesion is not None:
+        rows.append(f"<tr><td>lesion Dice (mean over benign/malignant images)</td><td>{lesion['images']}</td>"
+                    f"<td>{_ci(lesion)}</td></tr>")
     for key, label in (("false_lesion_rate", "false-lesion rate (normal images with any predicted pixel)"),
                        ("missed_lesion_rate", "missed-lesion rate (lesion images with no predicted pixel)")):
         r = metrics[key]
         rows.append(f"<tr><td>{html.escape(label)}</td><td>{r['count']} / {r['images']}</td><td>{_ci(r)}</td></tr>")
-    return "<table><tr><th>rate</th><th>images</th><th>rate [95 % CI]</th></tr>" + "".join(rows) + "</table>"
+    return "<table><tr><th>failure mode</th><th>images</th><th>value [95 % CI]</th></tr>" + "".join(rows) + "</table>"
+
+
+def _head_table(metrics: Mapping[str, Any]) -> str:
+    """The image-level head: how well p(lesion) separates lesion from normal images, what the gate
+    keeps and removes, and p(malignant) among lesion images; one sentence for models without one."""
+    gate = metrics.get("gate")
+    if not gate:
+        return "<p>This model has no image-level head: no gate, no image-level scores.</p>"
+    threshold = ("off (every image kept)" if gate.get("threshold") is None
+                 else f"images with p(lesion) &lt; {_fmt(gate['threshold'])} get an empty mask")
+    rows = [("lesion vs normal AUROC of p(lesion)", f"{gate['auroc']['images']}", _ci(gate["auroc"]))]
+    for key, label in (("sensitivity", "gate sensitivity (lesion images kept)"),
+                       ("specificity", "gate specificity (normal images gated)")):
+        r = gate[key]
+        rows.append((label, f"{r['count']} / {r['images']}", _ci(r)))
+    malignant = metrics.get("malignant_auroc")
+    if malignant:
+        rows.append(("malignant vs benign AUROC of p(malignant)", f"{malignant['images']}", _ci(malignant)))
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
+    return (f"<p>Gate: {threshold}.</p><table><tr><th>image head</th><th>images</th><th>value [95 % CI]</th></tr>"
+            f"{body}</table>")
 
 
 _CSS = """
@@ -283,6 +310,9 @@ def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], cho
         ("model", f"<code>{esc(str(model.get('ref') or ''))}</code> (id <code>{esc(str(m['model_id']))}</code>, "
                   f"{esc(str(model['architecture']))}, input {model['input_size'][0]}×{model['input_size'][1]}, "
                   f"threshold {model['threshold']})"),
+        ("post-processing", esc(", ".join(f"{k} {v}" for k, v in m.get("postprocess", {}).items() if k != "overridden"))
+                            + (f" (overridden: {esc(', '.join(m['postprocess']['overridden']))})"
+                               if m.get("postprocess", {}).get("overridden") else "")),
         ("data", f"<code>{esc(str(data['uri']))}</code>, split <code>{esc(str(data['split']))}</code>"
                  + (f", manifest sha256 <code>{esc(data['manifest_sha256'][:16])}…</code>" if data.get("manifest_sha256") else "")),
         ("images", ", ".join(f"{k} {v}" for k, v in m["counts"].items())),
@@ -304,6 +334,8 @@ def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], cho
 all images. Normal images have an empty ground truth: they score 1.0 with an empty prediction and 0.0 otherwise.</p>
 {_summary_table(m)}
 {_rates_table(m)}
+<h2>Image-level head</h2>
+{_head_table(m)}
 <p>Per-image results: <a href="per_image.csv">per_image.csv</a> · <a href="per_image.parquet">per_image.parquet</a>
 (with predicted masks) · all numbers: <a href="metrics.json">metrics.json</a></p>
 <h2>Figures</h2>

@@ -13,8 +13,6 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .models import MODELS
-
 __all__ = ["POSTPROCESS_DEFAULTS", "ModelSettings", "check_architecture", "check_input_size",
            "check_normalization", "check_postprocess", "check_threshold"]
 
@@ -55,6 +53,8 @@ def check_threshold(value, where: str) -> float:
 
 
 def check_architecture(value, where: str) -> str:
+    from .models import MODELS  # here, not at the top: inference's torch-free steps import this module
+
     if value not in MODELS:
         raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(MODELS))}")
     return value

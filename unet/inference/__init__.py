@@ -10,26 +10,13 @@ Inputs (local paths or ``s3://`` URIs; a folder/prefix is walked recursively, a 
 * Parquet tables holding encoded image bytes in ``image_column`` (default ``image``) —
   ``image_id`` is the value of ``id_column`` when given, else ``"<file path>#<row>"``.
 
-Output: Parquet files ``<output>/part-<sha1>.parquet``, exactly one row per input, always::
-
-    column           type                    meaning
-    image_id         string                  see above (a tar holding two members of one name gives
-                                             two rows with that id: the second is an error row)
-    source_uri       string                  where the image came from: file URI, "<tar URI>#<member>"
-                                             or "<parquet URI>#row=<n>"
-    status           string                  "ok" or "error"
-    error            string (null if ok)     what went wrong, naming the problem (see below)
-    height, width    int32 (null on error)   original size (after EXIF orientation)
-    mask_png         binary (null on error)  8-bit greyscale PNG, 0 = background, 255 = tumour,
-                                             original height x width
-    tumour_pixels    int64 (null on error)   number of 255 pixels in the mask
-    tumour_fraction  float32 (null on error) tumour_pixels / (height * width)
-    bbox             list<int32> or null     [x0, y0, x1, y1], half-open (mask[y0:y1, x0:x1] holds
-                                             the tumour); null when the mask is empty or on error
-    confidence       float32 (null on error) mean probability inside the predicted mask, or the
-                                             maximum probability when the mask is empty
-    model_id         string                  "<name>-<sha256(weights)[:12]>" (unet.artifact)
-    processed_at     timestamp[us, UTC]      when the mask was computed
+Output: Parquet files ``<output>/part-<sha1>.parquet``, exactly one row per input, always, with the
+columns of :data:`OUTPUT_SCHEMA`; what each means is in the README's "Bulk inference" table
+(``image_id`` as above, ``status`` ``"ok"``/``"error"``, the mask as a PNG with its size, pixel
+count, bounding box and confidence, the image head's ``lesion_probability`` and
+``malignant_probability``, ``model_id``, ``processed_at``; every per-image value is null on error
+rows). A tar holding two members of one name gives two rows with that id: the second is an error
+row.
 
 Read it with ``pandas.read_parquet(output)``, ``duckdb.sql("select * from '<output>/*.parquet'")``
 or ``pyarrow.dataset.dataset(output)``; files and folders starting with ``_`` are bookkeeping
@@ -40,11 +27,16 @@ are not inputs.
 
 What happens to a pixel: decode with PIL, apply EXIF orientation, convert to 8-bit grey (see
 :func:`to_gray_uint8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
-``input_size`` and normalise as its config says (:mod:`unet.transforms`), run the model (optionally
-averaged with its horizontal flip), sigmoid, resize the probability back to the original size
-(:func:`unet.transforms.resize_probability`), threshold (``prob >= threshold``, the artifact's
-threshold unless overridden — the same rule as :mod:`unet.evaluation`), optionally keep the
-largest 8-connected component, PNG-encode.
+``input_size`` and normalise as its config says (:mod:`unet.transforms`), run the model
+(:meth:`unet.models.SegmentationModel.predict_proba`: sigmoid, and softmax of the image head if
+the model has one; averaged with the horizontal flip when ``tta``), resize the probability back to
+the original size (:func:`unet.transforms.resize_probability`), then
+:func:`unet.postprocess.final_mask` — threshold (``prob >= threshold``), empty the mask when the
+image's ``lesion_probability`` is below ``gate_threshold``, remove regions under ``min_area`` of the
+image, optionally keep the largest 8-connected component: the same rule as :mod:`unet.evaluation`
+— and PNG-encode. Every one of these values is the artifact's
+(:class:`unet.settings.ModelSettings`, chosen on validation) unless :class:`InferenceConfig`
+overrides it; the run record in ``_runs/`` holds the values used, and each part's footer too.
 
 Nothing lost, nothing twice — the design:
 
@@ -77,6 +69,8 @@ Nothing lost, nothing twice — the design:
   — full or incremental — is completed by rerunning with ``incremental=True``. With
   ``retry_errors=True`` parts that contain error rows are deleted first and their inputs redone.
   Inputs are keyed by path: a file changed in place is not redone incrementally (run a full run).
+  Nor is an input whose part was made by another model or with other post-processing (the
+  footers record both): the run logs a warning naming them, and a full run redoes everything.
 
 Error rows (the job goes on): unreadable file, zero-byte file, bytes that are not an image,
 truncated image, an image over ``max_pixels`` (decompression bombs; checked from the header,

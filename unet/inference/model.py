@@ -1,41 +1,52 @@
 """Worker side, model and post-processing stages (Ray Data actor pool, then tasks).
 
-:class:`Predictor` turns the uint8 model-size images into foreground probabilities;
-:func:`postprocess` resizes them back to each image's original size, thresholds, measures and
-PNG-encodes the mask, producing output rows (:data:`unet.inference.output.OUTPUT_SCHEMA`).
+:class:`Predictor` turns the uint8 model-size images into foreground probabilities (and, for a
+model with an image-level head, each image's lesion and malignancy probabilities);
+:func:`postprocess` resizes them back to each image's original size, applies the model's
+post-processing (:func:`unet.postprocess.final_mask`), measures and PNG-encodes the mask,
+producing output rows (:data:`unet.inference.output.OUTPUT_SCHEMA`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 
 import numpy as np
 import pyarrow as pa
-from scipy import ndimage
 
 from .. import faults
 from ..codec import encode_mask_png
+from ..postprocess import final_mask, image_probabilities
 from ..transforms import normalize, resize_probability, single_threaded_opencv
 from .decode import describe_error
 from .output import PIPELINE_SCHEMA
 
-__all__ = ["Predictor", "encode_mask_png", "mask_statistics", "postprocess",
+__all__ = ["MASK_RULE_KEYS", "Predictor", "encode_mask_png", "mask_statistics", "postprocess",
            "postprocess_probability"]
+
+# The ModelSettings values that turn a probability map into a mask (tta acts in the model actor).
+# The post-processing tasks get them as a plain dict: unpickling a ModelSettings would import
+# unet.settings and with it torch in every post-processing worker.
+MASK_RULE_KEYS = ("threshold", "gate_threshold", "min_area", "largest_component")
+
 
 class Predictor:
     """Ray Data actor: holds the model, maps a batch of uint8 ``x`` to foreground probabilities.
 
     The model runs with BatchNorm folded into the convolutions (:func:`unet.models.fuse_conv_bn`).
     CPU: channels-last tensors under ``torch.inference_mode``; GPU: the same under fp16 autocast.
-    ``settings`` (:class:`unet.artifact.ModelSettings`) gives the normalisation; the rows' ``x``
-    are already at its ``input_size``. Rows with an error (and tar end markers) are passed through
-    with an all-zero ``prob``. ``fault_drill`` (:mod:`unet.faults`, tests only) makes the actor exit
-    once on a given call, to prove exactly-once output under failures.
+    ``settings`` (:class:`unet.settings.ModelSettings`) gives the normalisation and ``tta``; the
+    rows' ``x`` are already at its ``input_size``. Adds ``prob`` (model size) and, per row,
+    float32 ``lesion_probability`` (1 - p(normal)) and ``malignant_probability`` from the image
+    head (:func:`unet.postprocess.image_probabilities`); NaN without a head. Rows with an error
+    (and tar end markers) are passed through with an all-zero ``prob`` and NaN probabilities.
+    ``fault_drill`` (:mod:`unet.faults`, tests only) makes the actor exit once on a given call, to
+    prove exactly-once output under failures.
     """
 
-    def __init__(self, model, *, settings, tta: bool, use_gpu: bool, num_threads: int,
-                 fault_drill: dict | None = None):
+    def __init__(self, model, *, settings, use_gpu: bool, num_threads: int, fault_drill: dict | None = None):
         # torch only here: this module also serves the decode/post-processing tasks, whose worker
         # processes would otherwise spend seconds of CPU importing it.
         import torch
@@ -50,11 +61,8 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
         self.model = fuse_conv_bn(model).to(self.device).to(memory_format=torch.channels_last)
-        self.settings, self.tta = settings, tta
+        self.settings = settings
         self.fault_drill, self.calls = fault_drill, 0
-
-    def _forward(self, x):
-        return self.torch.sigmoid(self.model.predict(x).float())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -63,31 +71,37 @@ class Predictor:
         x = batch.pop("x")
         ok = (batch["error"] == "") & (batch["_seq"] >= 0)
         prob = np.zeros(x.shape, np.float32)
+        lesion = np.full(len(x), np.nan, np.float32)
+        malignant = np.full(len(x), np.nan, np.float32)
         if ok.any():
             inputs = torch.from_numpy(normalize(x[ok], self.settings.mean, self.settings.std)[:, None])
             inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
             amp = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
                    else contextlib.nullcontext())
             with torch.inference_mode(), amp:
-                p = self._forward(inputs)
-                if self.tta:
-                    p = (p + self._forward(inputs.flip(-1)).flip(-1)) / 2
+                p, class_prob = self.model.predict_proba(inputs, tta=self.settings.tta)
             prob[ok] = p[:, 0].float().cpu().numpy()
+            p_lesion, p_malignant = image_probabilities(
+                None if class_prob is None else class_prob.float().cpu().numpy())
+            if p_lesion is not None:
+                lesion[ok], malignant[ok] = p_lesion, p_malignant
         batch["prob"] = prob
+        batch["lesion_probability"], batch["malignant_probability"] = lesion, malignant
         return batch
 
 
-def postprocess_probability(prob: np.ndarray, size: tuple[int, int], threshold: float,
-                            largest_component: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Model-size probability -> (bool mask, probability) at the original ``size`` = (h, w)."""
+def postprocess_probability(prob: np.ndarray, size: tuple[int, int], threshold: float, *,
+                            lesion_probability: float | None = None, gate_threshold: float | None = None,
+                            min_area: float = 0.0, largest_component: bool = False
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Model-size probability -> (bool mask, probability) at the original ``size`` = (h, w).
+
+    The mask is :func:`unet.postprocess.final_mask` of the resized probability (threshold, gate
+    on ``lesion_probability``, small components, largest component), as in evaluation.
+    """
     full = resize_probability(np.ascontiguousarray(prob, dtype=np.float32), size)
-    mask = full >= threshold
-    if largest_component and mask.any():
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-        if count > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            mask = labels == int(sizes.argmax())
+    mask = final_mask(full, threshold=threshold, lesion_probability=lesion_probability,
+                      gate_threshold=gate_threshold, min_area=min_area, largest_component=largest_component)
     return mask, full
 
 
@@ -104,9 +118,12 @@ def mask_statistics(mask: np.ndarray, prob: np.ndarray) -> dict:
     return {"tumour_pixels": pixels, "tumour_fraction": pixels / mask.size, "bbox": bbox, "confidence": confidence}
 
 
-def postprocess(batch: dict[str, np.ndarray], *, threshold: float, largest_component: bool,
-                model_id: str) -> pa.Table:
-    """Ray Data UDF: probabilities -> output rows (plus the internal chunk columns)."""
+def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str) -> pa.Table:
+    """Ray Data UDF: probabilities -> output rows (plus the internal chunk columns).
+
+    ``mask_rule``: the settings' :data:`MASK_RULE_KEYS` values, passed to
+    :func:`postprocess_probability`.
+    """
     single_threaded_opencv()
     n = len(batch["_seq"])
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -119,12 +136,18 @@ def postprocess(batch: dict[str, np.ndarray], *, threshold: float, largest_compo
                "model_id": model_id, "processed_at": now, "error": error,
                "status": "error" if error is not None or seq < 0 else "ok",
                "height": None, "width": None, "mask_png": None, "tumour_pixels": None,
-               "tumour_fraction": None, "bbox": None, "confidence": None}
+               "tumour_fraction": None, "bbox": None, "confidence": None,
+               "lesion_probability": None, "malignant_probability": None}
         if row["status"] == "ok":
             h, w = int(batch["height"][i]), int(batch["width"][i])
+            lesion = float(batch["lesion_probability"][i])
+            malignant = float(batch["malignant_probability"][i])
             try:
-                mask, prob = postprocess_probability(batch["prob"][i], (h, w), threshold, largest_component)
-                row.update(height=h, width=w, mask_png=encode_mask_png(mask), **mask_statistics(mask, prob))
+                mask, prob = postprocess_probability(batch["prob"][i], (h, w), lesion_probability=lesion,
+                                                     **mask_rule)
+                row.update(height=h, width=w, mask_png=encode_mask_png(mask), **mask_statistics(mask, prob),
+                           lesion_probability=None if math.isnan(lesion) else lesion,
+                           malignant_probability=None if math.isnan(malignant) else malignant)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for one huge image: an error row
                 row.update(status="error", error=f"post-processing failed: {describe_error(e)}")
         for name in out:

@@ -1,6 +1,6 @@
 """The output format: schema of the mask rows, and how parts are assembled, written and read back.
 
-See the package docstring (:mod:`unet.inference`) for the meaning of each column.
+The meaning of each column: the README's "Bulk inference" output table.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("tumour_fraction", pa.float32()),
     pa.field("bbox", pa.list_(pa.int32())),
     pa.field("confidence", pa.float32()),
+    # From the image-level head; null for models without one and on error rows.
+    pa.field("lesion_probability", pa.float32()),
+    pa.field("malignant_probability", pa.float32()),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
@@ -50,6 +53,7 @@ META_UNITS = b"unet.infer.units"
 META_KIND = b"unet.infer.kind"
 META_ERRORS = b"unet.infer.errors"
 META_MODEL = b"unet.infer.model_id"
+META_POSTPROCESS = b"unet.infer.postprocess"  # JSON: threshold, gate, min area, largest component, tta
 
 
 def part_name(chunk_key: str) -> str:
@@ -113,15 +117,22 @@ class PartAssembler:
                 for k, c in self.chunks.items() if k not in self.written]
 
 
-def part_bytes(chunk: Chunk, table: pa.Table, model_id: str) -> tuple[bytes, int, int]:
-    """Serialise a part (exact OUTPUT_SCHEMA + footer metadata); returns (bytes, ok, errors)."""
+def part_bytes(chunk: Chunk, table: pa.Table, model_id: str, postprocess: dict | None = None
+               ) -> tuple[bytes, int, int]:
+    """Serialise a part (exact OUTPUT_SCHEMA + footer metadata); returns (bytes, ok, errors).
+
+    ``postprocess``: the post-processing the masks were made with, recorded in the footer so that
+    an incremental run can tell when it would mix settings.
+    """
     table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
     units = table.column("image_id").to_pylist() if chunk.kind == "image" else [chunk.unit_key]
     table = table.replace_schema_metadata({
         META_FORMAT: FORMAT_VERSION.encode(), META_KIND: chunk.kind.encode(),
         META_UNITS: json.dumps(units).encode(), META_ERRORS: str(errors).encode(),
-        META_MODEL: model_id.encode()})
+        META_MODEL: model_id.encode(),
+        **({META_POSTPROCESS: json.dumps(postprocess, sort_keys=True).encode()} if postprocess is not None
+           else {})})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes(), table.num_rows - errors, errors
@@ -139,8 +150,9 @@ def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:
     return sorted(n for n in names if PART_RE.match(n))
 
 
-def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str]:
-    """(unit keys, error rows, model_id) recorded in an output part's footer."""
+def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str, dict | None]:
+    """(unit keys, error rows, model_id, post-processing) recorded in an output part's footer; the
+    post-processing is None for parts written before it was recorded."""
     try:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
@@ -150,7 +162,9 @@ def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], in
     if META_UNITS not in meta:
         raise ValueError(f"{uri}: not written by unet.inference (no {META_UNITS.decode()} footer entry); "
                          f"move it out of the output folder")
-    return json.loads(meta[META_UNITS]), int(meta.get(META_ERRORS, b"0")), meta.get(META_MODEL, b"?").decode()
+    postprocess = json.loads(meta[META_POSTPROCESS]) if META_POSTPROCESS in meta else None
+    return (json.loads(meta[META_UNITS]), int(meta.get(META_ERRORS, b"0")), meta.get(META_MODEL, b"?").decode(),
+            postprocess)
 
 
 def delete_parts(fs: pafs.FileSystem, out_path: str, out_uri: str, names: Iterable[str]) -> int:

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .. import faults, storage
+from ..settings import POSTPROCESS_DEFAULTS, check_postprocess, check_threshold
 from ..runtime import UsageError, require_cuda
 from .decode import DEFAULT_MAX_PIXELS
-from .model import Predictor, postprocess
+from .model import MASK_RULE_KEYS, Predictor, postprocess
 from .output import OUTPUT_SCHEMA, PartAssembler, delete_parts, list_parts, part_bytes, part_name, read_footer
 from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
 from .read import DEFAULT_MAX_BYTES, read_and_decode, read_plan_file
@@ -48,9 +49,9 @@ class InferenceConfig:
         image_column / id_column: Parquet inputs: column with encoded image bytes / with ids.
         chunk_size: images (or Parquet rows) per output part.
         workers, batch_size, gpus_per_worker, cpus_per_worker: the model actor pool.
-        threshold: probability threshold; None = the artifact's.
-        tta: average with the horizontally flipped prediction.
-        largest_component: keep only the largest connected tumour region.
+        threshold, tta, gate_threshold, min_area, largest_component: post-processing overrides
+            (:class:`unet.settings.ModelSettings`); None = the artifact's (``config.json``
+            ``threshold`` / ``postprocess``). ``gate_threshold=0`` switches the gate off.
         incremental: skip inputs already in the output; retry_errors: redo parts with errors.
         max_pixels / max_bytes: larger images / files become error rows.
         exclude: glob patterns on the relative path (e.g. ``*_mask*.png``) of files to ignore.
@@ -68,8 +69,10 @@ class InferenceConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     threshold: float | None = None
-    tta: bool = False
-    largest_component: bool = False
+    tta: bool | None = None
+    gate_threshold: float | None = None
+    min_area: float | None = None
+    largest_component: bool | None = None
     incremental: bool = False
     retry_errors: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -85,8 +88,9 @@ class InferenceConfig:
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise ValueError(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0; got "
                              f"{self.gpus_per_worker!r} and {self.cpus_per_worker!r}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), e.g. 0.5; got {self.threshold!r}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "")
+        check_postprocess({k: v for k in POSTPROCESS_DEFAULTS if (v := getattr(self, k)) is not None}, "")
         if self.retry_errors and not self.incremental:
             raise ValueError("retry_errors only makes sense with incremental (a full run redoes everything)")
         if not self.image_column:
@@ -161,7 +165,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
 
     started = time.monotonic()
     loaded = load_artifact(config.model)
-    settings = loaded.settings.with_threshold(config.threshold)
+    settings = _settings(config, loaded)
     if config.check_resources:
         _check_resources(config)
 
@@ -182,8 +186,8 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
 
     existing = list_parts(out_fs, out_path, config.output)
     with tempfile.TemporaryDirectory(prefix="unet-infer-") as scratch:
-        done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id, summary) \
-            if config.incremental else None
+        done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id,
+                           _used_postprocess(settings), summary) if config.incremental else None
         try:
             chunks, summary.units_planned, summary.units_skipped = plan_inputs(
                 config, in_fs, root, root_uri, single, done, plan)
@@ -208,7 +212,8 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
             out_fs.delete_dir(tmp_path)
     summary.wall_s = round(time.monotonic() - started, 3)
     record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config),
-              "threshold": settings.threshold, "input_size": list(settings.input_size),
+              "threshold": settings.threshold, "postprocess": _used_postprocess(settings),
+              "input_size": list(settings.input_size),
               "normalization": settings.normalization,
               "output_schema": [f"{f.name}: {f.type}" for f in OUTPUT_SCHEMA]}
     storage.write_bytes(storage.join(config.output, "_runs", f"run-{run_id}.json"),
@@ -216,16 +221,47 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
     return summary
 
 
+def _settings(config: InferenceConfig, loaded) -> ModelSettings:
+    """The artifact's settings with the run's overrides; checks they fit the model."""
+    from ..shards import CLASSES
+
+    settings = loaded.settings.with_postprocess(
+        threshold=config.threshold, tta=config.tta, gate_threshold=config.gate_threshold,
+        min_area=config.min_area, largest_component=config.largest_component)
+    if settings.gate_threshold == 0.0:  # "--gate-threshold 0": no gate, recorded as such
+        settings = dataclasses.replace(settings, gate_threshold=None)
+    classes = getattr(loaded.model, "image_classes", 0)
+    if classes and classes != len(CLASSES):
+        raise ValueError(f"{config.model}: the model's image head has {classes} classes; inference reads "
+                         f"lesion and malignancy probabilities from a head over {len(CLASSES)} classes "
+                         f"{CLASSES}")
+    if settings.gate_threshold is not None and not classes:
+        raise ValueError(f"{config.model}: gate threshold {settings.gate_threshold:g} needs a model with an "
+                         f"image-level head, and this one has none (pass --gate-threshold 0 for no gate)")
+    return settings
+
+
+def _used_postprocess(settings: ModelSettings) -> dict:
+    """The post-processing a run uses, as recorded in its run record and its parts' footers."""
+    return {"threshold": settings.threshold, **settings.postprocess}
+
+
 def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_fs, out_path: str,
-                model_id: str, summary: InferenceSummary) -> DoneIndex:
-    """Index the units the output's parts already cover, reading one footer at a time."""
+                model_id: str, postprocess: dict, summary: InferenceSummary) -> DoneIndex:
+    """Index the units the output's parts already cover, reading one footer at a time.
+
+    Like a different model, different post-processing in earlier parts is reported (not refused):
+    the run adds masks made with this run's settings.
+    """
     done = DoneIndex(scratch)
-    retry, models = [], set()
+    retry, models, settings_seen = [], set(), set()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         footers = pool.map(lambda n: (n, read_footer(out_fs, f"{out_path}/{n}", storage.join(config.output, n))),
                            existing)
-        for name, (units, errors, part_model) in footers:
+        for name, (units, errors, part_model, part_postprocess) in footers:
             models.add(part_model)
+            if part_postprocess is not None:
+                settings_seen.add(json.dumps(part_postprocess, sort_keys=True))
             if config.retry_errors and errors:
                 retry.append(name)
             else:
@@ -236,6 +272,11 @@ def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_
         logger.warning("the output already holds masks from model(s) %s; this incremental run adds masks "
                        "from %s (run without --incremental to redo everything with one model)",
                        sorted(models - {model_id}), model_id)
+    other = settings_seen - {json.dumps(postprocess, sort_keys=True)}
+    if other:
+        logger.warning("the output already holds masks made with other post-processing %s; this incremental "
+                       "run adds masks made with %s (run without --incremental to redo everything with one "
+                       "setting)", sorted(other), json.dumps(postprocess, sort_keys=True))
     logger.info("incremental: %d units already in %d parts; %d parts with errors deleted for retry",
                 done.count, len(existing) - len(retry), len(retry))
     return done
@@ -265,12 +306,11 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
         Predictor, batch_format="numpy", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(model=loaded.model, settings=settings, tta=config.tta,
-                                   use_gpu=config.gpus_per_worker > 0,
+        fn_constructor_kwargs=dict(model=loaded.model, settings=settings, use_gpu=config.gpus_per_worker > 0,
                                    num_threads=int(config.cpus_per_worker), fault_drill=faults.current()))
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=side_cpus,
-                        fn_kwargs=dict(threshold=settings.threshold,
-                                       largest_component=config.largest_component, model_id=loaded.model_id))
+                        fn_kwargs=dict(mask_rule={k: getattr(settings, k) for k in MASK_RULE_KEYS},
+                                       model_id=loaded.model_id))
 
     pending: list[concurrent.futures.Future] = []
 
@@ -279,7 +319,7 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
             name = part_name(chunk.key)
 
             def job():
-                data, ok, errors = part_bytes(chunk, table, loaded.model_id)
+                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _used_postprocess(settings))
                 storage.write_bytes(storage.join(config.output, name), data)
                 return ok, errors
 
