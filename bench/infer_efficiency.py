@@ -95,7 +95,7 @@ def model_only_throughput(model, x: np.ndarray, *, batch_size: int, mean: float,
         inputs = torch.from_numpy(normalize(batch, mean, std)[:, None]).to(device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), amp:
-            p = torch.sigmoid(model(inputs).float())
+            p, _ = model.predict_proba(inputs)  # what the job's model actors call
         return p[:, 0].cpu().numpy()
 
     for b in batches[:warmup_batches]:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 
 from unet.cli import run_main
+from unet.runtime import configure_output
 
 _COLUMNS = {"dice": "Dice", "lesion_dice": "lesion Dice", "false_lesion_rate": "false-lesion rate",
             "false_lesions": "false lesions", "missed_lesion_rate": "missed", "threshold": "threshold",
@@ -53,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--device", default="auto", help="'auto' = GPU if available (default), 'cpu', 'cuda', ...")
     p.add_argument("--top", type=int, default=10, help="candidates printed, best first (default: 10)")
+    p.add_argument("--verbose", action="store_true", help="debug lines too (or set UNET_VERBOSE=1)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    configure_output("calibrate", args.verbose)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--top", args.top, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}; got {value}")
@@ -101,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"wrote {written} (model id {loaded.model_id}, weights unchanged)")
     print(written, flush=True)  # last line: the artifact, for scripts to pick up
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-calibrate`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

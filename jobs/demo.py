@@ -2,6 +2,7 @@
 
     python -m jobs.demo                  # (make demo) everything under runs/demo, a few minutes on 2 CPUs
     python -m jobs.demo --out /tmp/demo --fresh
+    python -m jobs.demo --verbose        # also Ray's own output (otherwise in Ray's log files)
 
 Steps, each the real job with its real command line (printed before it runs):
   1. ``jobs.prepare --source phantoms``: phantoms → duplicate-aware Parquet shards + manifest
@@ -25,6 +26,7 @@ import cv2
 from jobs import evaluate, infer, prepare, train
 from unet.cli import run_main
 from unet.phantoms import generate
+from unet.runtime import configure_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", type=int, default=200, help="phantom images in the inference archive (default: 200)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output in every step (or set UNET_VERBOSE=1)")
     return p
 
 
@@ -55,6 +59,7 @@ def step(title: str, job, args: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    verbose = ["--verbose"] if configure_output("demo", args.verbose) else []
     out = Path(args.out).resolve()
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -62,19 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, masks, report = out / "demo-unet" / "model", out / "masks", out / "eval"
 
     step("1/4 prepare phantom shards", prepare,
-         ["--source", "phantoms", "--num", str(args.num), "--seed", "0", "--size", "128", "--out", str(prepared)])
+         ["--source", "phantoms", "--num", str(args.num), "--seed", "0", "--size", "128", "--out", str(prepared),
+          *verbose])
     if not archive.exists():
         write_archive(archive, args.archive)
     step("2/4 train on Ray (2 workers)", train,
          ["--config", str(ROOT / "configs" / "phantoms.yaml"), "--data", str(prepared), "--storage", str(out),
-          "--name", "demo-unet", "--epochs", str(args.epochs), "--workers", "2"])
+          "--name", "demo-unet", "--epochs", str(args.epochs), "--workers", "2", *verbose])
     step("3/4 bulk inference to Parquet", infer,
-         ["--model", str(model), "--input", str(archive), "--output", str(masks), "--workers", "1"])
+         ["--model", str(model), "--input", str(archive), "--output", str(masks), "--workers", "1", *verbose])
     step("4/4 evaluate on the test split", evaluate,
-         ["--model", str(model), "--data", str(prepared), "--split", "test", "--out", str(report)])
+         ["--model", str(model), "--data", str(prepared), "--split", "test", "--out", str(report), *verbose])
     print(f"\nDemo finished.\n  data:    {prepared}\n  model:   {model}\n  masks:   {masks}\n"
           f"  metrics: {report / 'metrics.json'}\n  report:  {report / 'report.html'}")
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-demo`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

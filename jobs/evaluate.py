@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from unet.cli import run_main
+from unet.runtime import configure_output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=12, help="images in the overlay grid, class-stratified (default: 12)")
     p.add_argument("--cases", type=int, default=4, help="best and worst cases shown (default: 4)")
     p.add_argument("--no-report", action="store_true", help="write metrics and per-image tables only")
+    p.add_argument("--verbose", action="store_true", help="debug lines too (or set UNET_VERBOSE=1)")
     return p
 
 
@@ -113,6 +115,7 @@ def summary_lines(m: dict) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    configure_output("evaluate", args.verbose)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0),
                              ("--grid", args.grid, 0), ("--cases", args.cases, 0)):
         if value < low:
@@ -143,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Last line: the report (or the metrics when no report was asked for), for scripts to pick up.
     print(paths.get("report", paths["metrics"]), flush=True)
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-evaluate`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

@@ -23,21 +23,22 @@ override it, and ``<output>/_runs/run-*.json`` records what was used.
 Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
 Ray with ``--num-cpus`` (default: all CPUs). S3 endpoint and credentials come from the AWS_*
 environment variables, or ``--endpoint`` / ``--access-key`` / ``--secret-key`` / ``--region``
-which set them for this process. Prints a JSON summary last. Bad input (unknown model, missing
-input, Parquet without the image column) exits with code 2 and one line on stderr.
+which set them for this process. Prints a progress line every ~10 s and a JSON summary last;
+Ray's own output stays in its log files (path printed once) unless ``--verbose`` or
+``UNET_VERBOSE=1``. Bad input (unknown model, missing input, Parquet without the image column)
+exits with code 2 and one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from unet.cli import run_main
-from unet.runtime import init_ray
+from unet.runtime import configure_output, init_ray
 
 _MIB = 1024 * 1024
 
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-key", default=None, help="S3 access key (sets AWS_ACCESS_KEY_ID)")
     p.add_argument("--secret-key", default=None, help="S3 secret key (sets AWS_SECRET_ACCESS_KEY)")
     p.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output (Ray Data progress, worker logs, warnings); or set UNET_VERBOSE=1")
     return p
 
 
@@ -123,14 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         largest_component=args.largest_component, incremental=args.incremental,
         retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
         exclude=tuple(args.exclude), check_resources=args.check_resources)
-    logging.basicConfig(level=logging.INFO, format="[infer %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    verbose = configure_output("infer", args.verbose)
     init_ray(args.address, args.num_cpus)
-    import ray
+    if verbose:
+        import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = True
+        ray.data.DataContext.get_current().enable_progress_bars = True
     summary = run_inference(config)
     print(json.dumps(summary.to_dict()), flush=True)
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-infer`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

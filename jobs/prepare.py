@@ -1,6 +1,9 @@
-"""Prepare segmentation data: BUSI folder or phantoms -> leakage-safe Parquet shards + manifest.
+"""Prepare segmentation data: BUSI, your own labelled folder or phantoms -> Parquet shards + manifest.
 
     python -m jobs.prepare --source busi --input ../shared/data/busi --out runs/busi_prepared
+    python -m jobs.prepare --source folder --images data/images --masks data/masks --class-from folder --out OUT
+    python -m jobs.prepare --source folder --images data/scans --mask-pattern '{stem}_mask.png' \
+        --classes data/classes.csv --default-class benign --out OUT
     python -m jobs.prepare --source busi --input ../shared/data/busi --out s3://my-bucket/busi-prepared
     python -m jobs.prepare --source phantoms --num 200 --seed 0 --size 256 --out runs/demo/prepared
     python -m jobs.prepare --source busi --input DIR --out OUT --ratios 0.8,0.1,0.1 --seed 1 --strict
@@ -10,7 +13,8 @@ height, width, group, source) and ``OUT/manifest.json`` (schema version, counts 
 class, duplicate-group statistics, this command and its config, sha256 of every shard, skipped
 files with reasons). Near-duplicate images (perceptual-hash groups) always share a split.
 Re-running with the same arguments rewrites byte-identical shards and deletes shards a previous
-run left over; nothing else in OUT is touched. The logic lives in :mod:`unet.prepare`.
+run left over; nothing else in OUT is touched. The logic lives in :mod:`unet.prepare` (and
+:mod:`unet.folder_source` for ``--source folder``, whose class rule is in ``--help``).
 
 S3: endpoint, credentials and region come from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3),
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_REGION, or from the flags below; flags win.
@@ -68,6 +72,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 _EPILOG = """\
 examples:
   python -m jobs.prepare --source busi --input ../shared/data/busi --out runs/busi_prepared
+  python -m jobs.prepare --source folder --images data/images --masks data/masks --class-from folder \\
+      --out runs/mine_prepared        # data/images/benign/a.jpg + data/masks/benign/a.png, ...
+  python -m jobs.prepare --source folder --images data/scans --mask-pattern '{stem}_mask.png' \\
+      --classes data/classes.csv --out runs/mine_prepared     # scans/a.tif + scans/a_mask.png
   python -m jobs.prepare --source busi --input ../shared/data/busi --out s3://my-bucket/busi-prepared
   python -m jobs.prepare --source phantoms --num 200 --seed 0 --size 256 --out runs/demo/prepared
 
@@ -77,6 +85,20 @@ output (OUT = --out):
   OUT/manifest.json                        schema_version, counts per split and class, duplicate
                                            groups, command, config, shards with sha256, skipped files
   Reruns with the same arguments write identical bytes and delete leftover part files.
+
+folder source: images (.png .jpg .jpeg .bmp .tif .tiff, any case) under --images, recursively;
+  id = path relative to --images without suffix. Each image's mask is the file named by
+  --mask-pattern in the same relative folder under --masks; any non-zero mask pixel is lesion
+  (0/255, 0/1, label values, colour); JPEG masks are refused (lossy: noise would be lesion).
+  class rule (classes are benign, malignant, normal; no others):
+    1. --class-from folder: the image's parent folder name (any case), or --classes FILE.csv
+       (columns image,class; image = path relative to --images, with or without suffix);
+       a name that is not a class skips the image;
+    2. an image no source names is 'normal' if its mask is empty, else --default-class;
+       without --default-class it is skipped (a lesion's class is never guessed).
+  At least one of --class-from, --classes, --default-class is required. Skipped with a reason:
+  image without mask, mask without image, ambiguous masks, duplicate stem (a.png + a.jpg), size
+  mismatch, empty or unreadable file, unknown class, CSV rows naming no image.
 
 exit codes: 0 done; 2 bad arguments, unusable input or output (one line on stderr), or bad
 source files under --strict. Set UNET_DEBUG=1 for full tracebacks.
@@ -89,15 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m jobs.prepare",
-        description="Write train/val/test Parquet shards and manifest.json from a BUSI folder or "
-                    "generated phantoms. Near-duplicate images (perceptual-hash groups) never "
-                    "straddle two splits; splits are stratified by class; output is deterministic.",
+        description="Write train/val/test Parquet shards and manifest.json from a BUSI folder, a "
+                    "folder of your own labelled images, or generated phantoms. Near-duplicate images "
+                    "(perceptual-hash groups) never straddle two splits; splits are stratified by class; "
+                    "output is deterministic.",
         epilog=_EPILOG,
         formatter_class=_HelpFormatter,
     )
     src = p.add_argument_group("source")
-    src.add_argument("--source", required=True, choices=("busi", "phantoms"),
-                     help="'busi': read --input in BUSI's layout; 'phantoms': generate --num images")
+    src.add_argument("--source", required=True, choices=("busi", "folder", "phantoms"),
+                     help="'busi': read --input in BUSI's layout; 'folder': your images and masks (--images, "
+                          "--masks, ...; see 'folder source' below); 'phantoms': generate --num images")
     src.add_argument("--input", metavar="DIR",
                      help="(busi) folder holding Dataset_BUSI_with_GT/, or that folder itself; classes "
                           "benign/malignant/normal, NAME.png + NAME_mask.png (+ NAME_mask_1.png ... OR-merged)")
@@ -107,11 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--seed", type=int, default=0,
                      help="seed of the split order (and of phantom generation)")
     src.add_argument("--max-side", type=int, default=None, metavar="PX",
-                     help="(busi) shrink images and masks whose longer side is over PX (splits are the "
+                     help="(busi, folder) shrink images and masks whose longer side is over PX (splits are the "
                           "same as without it); e.g. 288 for training at 256 px from smaller shards")
     src.add_argument("--strict", action="store_true",
                      help="fail (exit 2) on any bad source file instead of skipping it with a warning "
-                          "(missing mask, mask/image size mismatch, unreadable file, mask without image)")
+                          "(missing mask, mask/image size mismatch, unreadable file, mask without image, ...)")
+
+    folder = p.add_argument_group("folder source (--source folder)")
+    folder.add_argument("--images", metavar="DIR", help="folder of images, read recursively")
+    folder.add_argument("--masks", metavar="DIR",
+                        help="folder of masks, mirroring the sub-folders of --images (default: --images itself, "
+                             "where --mask-pattern must tell masks apart)")
+    folder.add_argument("--mask-pattern", default="{stem}", metavar="PATTERN",
+                        help="mask file name from the image's stem, e.g. '{stem}_mask.png'; without a suffix "
+                             "any image suffix matches")
+    folder.add_argument("--class-from", choices=("folder",),
+                        help="class = the image's parent folder name (benign, malignant or normal)")
+    folder.add_argument("--classes", metavar="FILE.csv", help="CSV with columns image,class")
+    folder.add_argument("--default-class", choices=("benign", "malignant"),
+                        help="class of images with a lesion that no class source names (empty mask: normal)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="URI",
@@ -131,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--access-key", help="S3 access key id (env AWS_ACCESS_KEY_ID)")
     s3.add_argument("--secret-key", help="S3 secret key (env AWS_SECRET_ACCESS_KEY); never printed or recorded")
     s3.add_argument("--region", help="S3 region (env AWS_REGION / AWS_DEFAULT_REGION; default us-east-1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="debug lines too (or set UNET_VERBOSE=1); output is otherwise one progress line "
+                        "every ~10 s and the summary")
     return p
 
 
@@ -157,6 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source == "busi" and not args.input:
         parser.error("--source busi needs --input DIR")
+    folder_flags = [flag for flag, value in (("--images", args.images), ("--masks", args.masks),
+                                             ("--mask-pattern", args.mask_pattern != "{stem}"),
+                                             ("--class-from", args.class_from), ("--classes", args.classes),
+                                             ("--default-class", args.default_class)) if value]
+    if args.source != "folder" and folder_flags:
+        parser.error(f"{', '.join(folder_flags)} only apply to --source folder")
+    if args.source == "folder" and not args.images:
+        parser.error("--source folder needs --images DIR (and --masks DIR unless masks sit beside the images)")
+    if args.source == "folder" and not (args.class_from or args.classes or args.default_class):
+        parser.error("--source folder needs a class rule: --class-from folder, --classes FILE.csv or "
+                     "--default-class benign|malignant (empty masks are 'normal'; see --help)")
+    if args.class_from and args.classes:
+        parser.error("give one class source: --class-from folder or --classes FILE.csv, not both")
     if args.shard_size < 1:
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.source == "phantoms" and args.num < 1:
@@ -164,17 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from unet.prepare import PrepareConfig, prepare
 
-    logging.basicConfig(level=logging.INFO, format="[prepare] %(levelname)s %(message)s", stream=sys.stderr)
+    from unet.runtime import ProgressLine, configure_output
+
+    configure_output("prepare", args.verbose)
     config = PrepareConfig(source=args.source, out=args.out, input=args.input, num=args.num, seed=args.seed,
                            size=args.size, ratios=args.ratios, shard_size=args.shard_size,
-                           hash_threshold=args.hash_threshold, strict=args.strict, max_side=args.max_side)
+                           hash_threshold=args.hash_threshold, strict=args.strict, max_side=args.max_side,
+                           images=args.images, masks=args.masks, mask_pattern=args.mask_pattern,
+                           class_from=args.class_from, classes=args.classes, default_class=args.default_class)
     started = time.monotonic()
-    last = [0.0]
+    progress_line = ProgressLine(logging.getLogger("unet.prepare").info)  # one line every ~10 s
 
     def progress(stage: str, done: int, total: int) -> None:
-        if done == total or time.monotonic() - last[0] > 5:
-            last[0] = time.monotonic()
-            print(f"[prepare] {stage} {done}/{total}", file=sys.stderr, flush=True)
+        text = f"{stage} {done}/{total}"
+        if done == total:
+            progress_line.done(text)
+        else:
+            progress_line.update(text)
 
     manifest = prepare(config, command=redacted_command(argv), progress=progress, endpoint=args.endpoint,
                        access_key=args.access_key, secret_key=args.secret_key, region=args.region)
@@ -194,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped {len(manifest['skipped'])} file(s), listed in manifest.json")
     print(f"wrote {args.out} in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-prepare`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

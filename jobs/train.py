@@ -23,7 +23,9 @@ model artifact (config.json + model.safetensors) to ``--export`` (default
 Ray: joins ``--address`` (``auto``: the ``ray start`` cluster of this machine) or ``$RAY_ADDRESS``
 (as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all
 CPUs). Workers get a planned share of CPUs so Ray Data keeps ``--data-cpus`` for decoding; a
-request the cluster cannot hold fails at once with one line (exit code 2). On more than one node,
+request the cluster cannot hold fails at once with one line (exit code 2). Output: one line per
+epoch and the result; Ray's own output stays in its log files (path printed once) unless
+``--verbose`` or ``UNET_VERBOSE=1``. On more than one node,
 ``--storage`` must be shared by all of them (``s3://``, NFS). S3 endpoint and credentials come from
 the AWS_* environment variables (the file system object carries them to the workers).
 """
@@ -33,13 +35,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
 
 from unet.cli import run_main
 from unet.losses import LOSSES
+from unet.runtime import configure_output
 from unet.models import MODELS
 from unet.training import (AMP_DTYPES, MONITORS, OPTIMIZERS, PLACEMENT_STRATEGIES, SCHEDULES, TrainConfig,
                            fit, load_config_file)
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override any setting, value parsed as YAML (repeatable), e.g. --set keep=3")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output (worker logs, progress, warnings); or set UNET_VERBOSE=1")
     for flag, kw in _FLAGS:
         key = flag.replace("-", "_")
         default = defaults[key]
@@ -129,7 +133,7 @@ def config_from_args(args: argparse.Namespace):
     cfg = TrainConfig()
     if args.config:
         cfg = cfg.updated(load_config_file(args.config), source=f"config file {args.config}")
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "print_config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set", "print_config", "verbose")}
     for key in _MAPPINGS:
         if key in flags:
             flags[key] = _yaml(flags[key], f"--{key.replace('_', '-')}")
@@ -149,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.resolved().to_dict(), indent=2))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    configure_output("train", args.verbose)
     command = shlex.join(["python", "-m", "jobs.train", *(sys.argv[1:] if argv is None else argv)])
     outcome = fit(cfg, command=command)
     m = outcome.best_metrics
@@ -159,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({outcome.seconds:.0f}s)")
     print(f"model artifact: {outcome.artifact}")
     return 0
+
+
+def cli() -> int:
+    """Entry of the ``unet-train`` console script: ``main`` under ``run_main``, exactly as ``python -m``."""
+    return run_main(main)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 No oracle model exists, so the checks are about consistency and bookkeeping a user relies on:
 metrics.json equals what the per-image table recomputes to, per-image scores equal the metric
 definitions at the ORIGINAL image size, CIs bracket their means, class counts add up, the figures
-are real PNGs the HTML links to, and bad use ends in one line with exit code 2.
+are real PNGs embedded in an HTML file that stands alone, and bad use ends in one line with exit code 2.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import cv2
@@ -94,21 +96,45 @@ def evaluated(workspace) -> dict:
             "csv": pd.read_csv(out / "per_image.csv"), "parquet": pd.read_parquet(out / "per_image.parquet")}
 
 
-def test_outputs_exist_and_report_links_valid_pngs(evaluated):
+class _References(HTMLParser):
+    """Every attribute through which a page loads or links something else."""
+
+    ATTRIBUTES = {"src", "href", "srcset", "data", "poster", "action", "background"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found += [(tag, k, v or "") for k, v in attrs if k in self.ATTRIBUTES]
+
+
+def test_outputs_exist_and_report_stands_alone_with_embedded_pngs(evaluated, tmp_path):
     out = evaluated["out"]
     printed = evaluated["stdout"].strip().splitlines()
     assert printed[-1] == str(out / "report.html")  # the path is the last line
-    html = (out / "report.html").read_text()
-    links = re.findall(r'src="([^"]+)"', html)
-    assert {"figures/overlays.png", "figures/worst.png", "figures/best.png", "figures/dice_by_class.png",
-            "figures/curves.png"} <= set(links)
-    for rel in links:
-        assert not Path(rel).is_absolute()
-        with Image.open(out / rel) as im:
+    assert all((out / name).is_file() for name in ("metrics.json", "per_image.csv", "per_image.parquet"))
+    # Copied on its own (scp, e-mail attachment) the page must still show everything.
+    alone = tmp_path / "elsewhere" / "report.html"
+    alone.parent.mkdir()
+    shutil.copy(out / "report.html", alone)
+    html = alone.read_text()
+    parser = _References()
+    parser.feed(html)
+    assert "url(" not in html  # no CSS-loaded files either
+    assert parser.found and all(tag == "img" and attr == "src" and value.startswith("data:image/png;base64,")
+                                for tag, attr, value in parser.found), parser.found
+    embedded = [base64.b64decode(v.removeprefix("data:image/png;base64,"), validate=True) for _, _, v in parser.found]
+    for png in embedded:
+        with Image.open(io.BytesIO(png)) as im:
             im.verify()  # a real PNG, not an empty file
-            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    for rel in re.findall(r'href="([^"]+)"', html):
-        assert (out / rel).is_file(), rel
+            assert im.format == "PNG" and 100 < im.size[0] <= 1000 and im.size[1] > 100  # modest dpi
+    # One picture per figure heading; the same PNGs are also kept as files for other tools.
+    headings = re.findall(r"<h3>([^<]+)</h3>", html)
+    assert len(embedded) == len(headings)
+    assert {"Overlays (class-stratified sample)", "Worst cases (lesion images, lowest Dice)", "Training curves",
+            "Best cases (lesion images, highest Dice)", "Per-image Dice and HD95 by class"} <= set(headings)
+    assert sorted(embedded) == sorted(p.read_bytes() for p in (out / "figures").glob("*.png"))
     assert evaluated["metrics"]["model_id"] in html
 
 

@@ -22,6 +22,7 @@ from unet.phantoms import make_phantom, write_busi_layout
 from unet.codec import to_binary_mask, to_grey8
 from unet.prepare import PrepareConfig, SourceDataError, assign_splits, group_duplicates, prepare
 from unet.shards import SHARD_SCHEMA, SPLITS
+from unet.folder_source import read_folder
 from unet.sources import read_busi
 
 SIZE = (64, 64)
@@ -302,6 +303,224 @@ def test_phantom_source(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Your own folder (--source folder)
+# --------------------------------------------------------------------------------------------
+
+# Image formats inference accepts, and how each is written (lossless ones must decode exactly).
+_FORMATS = [(".png", "RGB"), (".jpg", "L"), (".bmp", "L"), (".tif", "I;16"), (".PNG", "L"), (".tiff", "L")]
+# Mask conventions: 0/255, 0/1, label values, colour, palette, 1-bit, TIFF (non-zero = lesion).
+_MASKS = ["0/255", "0/1", "labels", "rgb", "palette", "1bit", "tif"]
+
+
+def _write_image(path: Path, grey: np.ndarray, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "RGB":
+        Image.fromarray(np.dstack([grey] * 3)).save(path)
+    elif mode == "I;16":
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(grey).save(path, **({"quality": 95} if path.suffix.lower() == ".jpg" else {}))
+
+
+def _write_mask(path: Path, lesion: np.ndarray, convention: str) -> Path:
+    """Write `lesion` (bool) by `convention`; returns the path written (suffix may change)."""
+    path = path.with_suffix(".tif" if convention == "tif" else ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    u8 = lesion.astype(np.uint8)
+    if convention in ("0/255", "tif"):
+        Image.fromarray(u8 * 255).save(path)
+    elif convention == "0/1":
+        Image.fromarray(u8).save(path)
+    elif convention == "labels":  # two lesion labels, 1 and 2
+        labels = u8.copy()
+        labels[:, labels.shape[1] // 2:] *= 2
+        Image.fromarray(labels).save(path)
+    elif convention == "rgb":  # green lesion only: any non-zero channel counts
+        Image.fromarray(np.dstack([np.zeros_like(u8), u8 * 128, np.zeros_like(u8)])).save(path)
+    elif convention == "palette":
+        img = Image.fromarray(u8, mode="L").convert("P")
+        img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        img.save(path)
+    else:
+        Image.fromarray(lesion).save(path)  # mode "1"
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_folder(tmp_path_factory):
+    """Layout A: images/{benign,malignant,normal}/NAME.ext + masks/<same folders>/NAME.ext, every
+    format and mask convention, two planted near-duplicates, and one of every broken case."""
+    base = tmp_path_factory.mktemp("own")
+    images, masks = base / "images", base / "masks"
+    expected = {}  # id -> (class, grey or None when lossy, lesion)
+    k = 0
+    for cls, n in (("benign", 8), ("malignant", 8), ("normal", 6)):
+        for i in range(n):
+            suffix, mode = _FORMATS[k % len(_FORMATS)]
+            grey, mask = make_phantom(1000 + k, cls, SIZE)
+            _write_image(images / cls / f"{cls[0]}{i}{suffix}", grey, mode)
+            _write_mask(masks / cls / f"{cls[0]}{i}.png", mask > 0, _MASKS[k % len(_MASKS)])
+            expected[f"{cls}/{cls[0]}{i}"] = (cls, None if suffix == ".jpg" else grey, mask > 0)
+            k += 1
+    # Near-duplicates planted as copies: an exact copy, and a JPEG re-encode under another name.
+    (images / "benign" / "b0 copy.png").write_bytes((images / "benign" / "b0.png").read_bytes())
+    (masks / "benign" / "b0 copy.png").write_bytes((masks / "benign" / "b0.png").read_bytes())
+    grey, mask = make_phantom(1000 + 9, "malignant", SIZE)  # m1
+    _write_image(images / "malignant" / "m1 again.jpg", grey, "L")
+    _write_mask(masks / "malignant" / "m1 again.png", mask > 0, "0/255")
+    pairs = [("benign/b0 copy", "benign/b0"), ("malignant/m1 again", "malignant/m1")]
+    for copy, original in pairs:
+        expected[copy] = expected[original][:1] + (None, expected[original][2])
+
+    # Broken cases (paths as the manifest shows them: relative to the folder holding both).
+    grey, mask = make_phantom(77, "benign", SIZE)
+    _write_image(images / "benign" / "lonely.png", grey, "L")                      # no mask
+    _write_mask(masks / "benign" / "orphan.png", mask > 0, "0/255")                # no image
+    _write_image(images / "malignant" / "wide.png", grey, "L")                     # size mismatch
+    Image.new("L", (SIZE[1] + 3, SIZE[0])).save(masks / "malignant" / "wide.png")
+    (images / "benign" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    _write_mask(masks / "benign" / "corrupt.png", mask > 0, "0/255")
+    (images / "benign" / "blank.png").write_bytes(b"")                            # empty file
+    _write_mask(masks / "benign" / "blank.png", mask > 0, "0/255")
+    _write_image(images / "cyst" / "c0.png", grey, "L")                            # unknown class
+    _write_mask(masks / "cyst" / "c0.png", mask > 0, "0/255")
+    _write_image(images / "normal" / "twin.png", grey, "L")                        # duplicate stem
+    _write_image(images / "normal" / "twin.bmp", grey, "L")
+    _write_mask(masks / "normal" / "twin.png", mask > 0, "0/255")
+    _write_image(images / "benign" / "jm.png", grey, "L")                          # JPEG mask
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(masks / "benign" / "jm.jpg")
+    (images / "README.txt").write_text("scanner export")                          # not an image
+    grey, mask = make_phantom(78, "malignant", SIZE)                               # no class folder
+    _write_image(images / "top.png", grey, "L")
+    _write_mask(masks / "top.png", mask > 0, "0/255")
+    broken = {
+        "images/benign/lonely.png": "image without mask (no masks/benign/lonely.<png|jpg|jpeg|bmp|tif|tiff>)",
+        "masks/benign/orphan.png": "mask without image",
+        "images/malignant/wide.png": "is 67x64 (WxH) but the image is 64x64",
+        "images/benign/corrupt.png": "unreadable image file",
+        "images/benign/blank.png": "empty file images/benign/blank.png (0 bytes)",
+        "images/cyst/c0.png": "unknown class 'cyst' from its folder",
+        "images/normal/twin.png": "duplicate stem: twin.bmp would get the same id 'normal/twin'",
+        "images/normal/twin.bmp": "duplicate stem: twin.png",
+        "images/benign/jm.png": "mask masks/benign/jm.jpg is a JPEG",
+        "images/README.txt": "not an image file",
+        "images/top.png": "no class for an image whose mask shows a lesion: put it in a benign/ or malignant/",
+    }
+    return {"base": base, "images": images, "masks": masks, "expected": expected, "pairs": pairs,
+            "broken": broken}
+
+
+def _folder_config(own_folder, out, **kw) -> PrepareConfig:
+    return PrepareConfig(source="folder", images=str(own_folder["images"]), masks=str(own_folder["masks"]),
+                         class_from="folder", out=str(out), shard_size=8, **kw)
+
+
+def test_folder_source_rows_classes_pixels_and_splits(own_folder, tmp_path):
+    manifest = prepare(_folder_config(own_folder, tmp_path / "out"), command="test")
+    rows = read_rows(str(tmp_path / "out"))
+    by_id = {r["id"]: (split, r) for split in SPLITS for r in rows[split]}
+    expected = own_folder["expected"]
+    assert sorted(by_id) == sorted(expected)
+    for id_, (cls, grey, lesion) in expected.items():
+        split, row = by_id[id_]
+        assert row["class"] == cls and row["source"].startswith("folder:" + id_ + ".")
+        image, mask = decode(row["image_png"]), decode(row["mask_png"])
+        if grey is not None:  # every lossless format decodes to the exact grey pixels
+            np.testing.assert_array_equal(image, grey)
+        np.testing.assert_array_equal(mask, np.where(lesion, 255, 0))  # every mask convention
+        assert (cls == "normal") == (not lesion.any())
+    counts = manifest["counts"]["total"]
+    assert counts == {"benign": 9, "malignant": 9, "normal": 6, "total": 24}
+    # Near-duplicate copies share the original's group, hence its split; no group spans two splits.
+    for copy, original in own_folder["pairs"]:
+        assert by_id[copy][1]["group"] == by_id[original][1]["group"] == original
+        assert by_id[copy][0] == by_id[original][0]
+    assert manifest["groups"]["with_duplicates"] == 2 and manifest["groups"]["spanning_splits"] == 0
+    assert manifest["source"] == "folder"
+    assert manifest["config"]["images"] == str(own_folder["images"]) and "input" not in manifest["config"]
+    assert manifest["config"]["class_from"] == "folder" and manifest["config"]["mask_pattern"] == "{stem}"
+    # Every broken file is listed with its reason (and only those).
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(own_folder["broken"])
+    for path, reason in own_folder["broken"].items():
+        assert reason in skipped[path], (path, skipped[path])
+
+
+def test_folder_source_strict_warnings_and_max_side(own_folder, tmp_path, caplog):
+    with pytest.raises(SourceDataError) as error:
+        prepare(_folder_config(own_folder, tmp_path / "strict", strict=True))
+    assert f"{len(own_folder['broken'])} bad file(s)" in str(error.value)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for path in own_folder["broken"]:
+        assert f"skipped {path}: " in warned
+
+    manifest = prepare(_folder_config(own_folder, tmp_path / "small", max_side=40, default_class="malignant"))
+    rows = [r for split in SPLITS for r in read_rows(str(tmp_path / "small"))[split]]
+    assert {(r["height"], r["width"]) for r in rows} == {(40, 40)}
+    assert {r["id"]: r["class"] for r in rows}["top"] == "malignant"  # --default-class for the root image
+    assert "images/top.png" not in {s["path"] for s in manifest["skipped"]}
+
+
+def test_folder_source_one_folder_csv_classes_and_default_rule(tmp_path):
+    """Layout B: masks beside the images ({stem}_mask.png), a sub-folder, classes from a CSV."""
+    scans = tmp_path / "scans"
+    lesions = {}
+    for i, (name, kind, convention) in enumerate([
+            ("s0.tif", "benign", "labels"), ("s1.bmp", "malignant", "0/1"), ("site2/s9.png", "benign", "rgb"),
+            ("s2.png", "benign", "0/255"), ("s3.jpeg", "normal", "0/255"), ("s4.png", "malignant", "0/255"),
+            ("s5.png", "benign", "0/255")]):
+        grey, mask = make_phantom(500 + i, kind, SIZE)
+        _write_image(scans / name, grey, "L")
+        stem = name.rsplit(".", 1)[0]
+        _write_mask(scans / f"{stem}_mask.png", mask > 0, convention)
+        lesions[stem] = mask > 0
+    _write_mask(scans / "s5_mask.tif", lesions["s5"], "tif")  # a second mask for s5: ambiguous
+    table = tmp_path / "classes.csv"
+    table.write_text("\ufeffImage,Class,reader\ns0.tif,benign,A\ns1,Malignant,B\nsite2/s9.png,benign,A\n"
+                     "s2.png,cyst,A\nghost.png,benign,B\n", encoding="utf-8")
+    records, skipped = read_folder(scans, mask_pattern="{stem}_mask", classes=table)  # any suffix
+    assert {r.id: r.cls for r in records} == {"s0": "benign", "s1": "malignant", "site2/s9": "benign",
+                                              "s3": "normal"}  # s3: not in the CSV, empty mask
+    np.testing.assert_array_equal(decode(next(r for r in records if r.id == "s0").mask_png),
+                                  np.where(lesions["s0"], 255, 0))
+    reasons = {s.path: s.reason for s in skipped}
+    assert "unknown class 'cyst' in classes.csv line 5" in reasons["s2.png"]
+    assert "no class for an image whose mask shows a lesion: add it to classes.csv" in reasons["s4.png"]
+    assert reasons["s5.png"] == "ambiguous masks: s5_mask.png, s5_mask.tif all match"
+    assert "names 'ghost.png', which is no image in the images folder" in reasons["classes.csv line 6"]
+    assert len(skipped) == 4
+    records, _ = read_folder(scans, mask_pattern="{stem}_mask", classes=table, default_class="malignant")
+    assert {r.id: r.cls for r in records}["s4"] == "malignant"
+    with pytest.raises(ValueError, match="cannot tell them apart"):
+        read_folder(scans, classes=table)  # default pattern {stem}: every file would be a mask too
+    (tmp_path / "bad.csv").write_text("file,label\ns0.tif,benign\n")
+    with pytest.raises(ValueError, match="bad.csv needs a header with columns image,class"):
+        read_folder(scans, mask_pattern="{stem}_mask", classes=tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="s0_mask.png is not a UTF-8 CSV"):
+        read_folder(scans, mask_pattern="{stem}_mask", classes=scans / "s0_mask.png")
+
+
+def test_folder_config_rejects_bad_values():
+    from unet.inference.plan import IMAGE_SUFFIXES
+
+    from unet.folder_source import IMAGE_SUFFIXES as FOLDER_SUFFIXES
+    assert FOLDER_SUFFIXES == IMAGE_SUFFIXES  # prepare reads what inference reads
+    ok = dict(source="folder", out="x", images="i")
+    with pytest.raises(ValueError, match="class rule"):
+        PrepareConfig(**ok)
+    with pytest.raises(ValueError, match="one class source"):
+        PrepareConfig(**ok, class_from="folder", classes="c.csv")
+    with pytest.raises(ValueError, match="never 'normal'"):
+        PrepareConfig(**ok, default_class="normal")
+    with pytest.raises(ValueError, match=r"\{stem\} once"):
+        PrepareConfig(**ok, default_class="benign", mask_pattern="mask_of_{name}.png")
+    with pytest.raises(ValueError, match="needs images"):
+        PrepareConfig(source="folder", out="x", default_class="benign")
+    assert "images" not in PrepareConfig(source="phantoms", num=4, out="x").to_dict()
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -328,7 +547,8 @@ def test_cli_help_documents_every_option():
     text = build_parser().format_help()
     for flag in ("--source", "--input", "--num", "--size", "--seed", "--strict", "--out", "--ratios",
                  "--shard-size", "--hash-threshold", "--endpoint-url", "--access-key", "--secret-key",
-                 "--region"):
+                 "--region", "--images", "--masks", "--mask-pattern", "--class-from", "--classes",
+                 "--default-class", "class rule"):
         assert flag in text
 
 
@@ -340,6 +560,31 @@ def test_cli_bad_use_exits_2(tmp_path, capsys):
     assert exit_.value.code == 2
     assert run_main(main, ["--source", "busi", "--input", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_folder_source(own_folder, tmp_path, capsys, caplog):
+    from unet.cli import run_main
+
+    out = tmp_path / "cli_folder"
+    argv = ["--source", "folder", "--images", str(own_folder["images"]), "--masks", str(own_folder["masks"]),
+            "--class-from", "folder", "--default-class", "benign", "--out", str(out), "--seed", "1"]
+    assert run_main(main, argv) == 0
+    printed = capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"].startswith("python -m jobs.prepare --source folder --images ")
+    assert manifest["config"]["default_class"] == "benign"
+    assert manifest["config"]["masks"] == str(own_folder["masks"])
+    assert manifest["counts"]["total"] == {"benign": 10, "malignant": 9, "normal": 6, "total": 25}  # + top.png
+    assert f"skipped {len(own_folder['broken']) - 1} file(s)" in printed.out
+    assert any("skipped images/benign/lonely.png: image without mask" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(SystemExit) as exit_:  # bad use: no --images
+        run_main(main, ["--source", "folder", "--class-from", "folder", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert "--source folder needs --images DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--source", "phantoms", "--images", "x", "--out", str(tmp_path / "y")])
+    assert "--images only apply to --source folder" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from unet.artifact import ALIASES, WEIGHTS_DIR, load_artifact, save_artifact
 from unet.evaluation import predict_probabilities, read_split
 from unet.postprocess import CONNECTIVITY  # the components final_mask sees; defined once, there
 from unet.postprocess import final_mask
-from unet.runtime import UsageError
+from unet.runtime import ProgressLine, UsageError
 from unet.shards import manifest_sha256
 
 __all__ = ["MIN_AREAS", "THRESHOLDS", "Calibration", "SplitPredictions", "calibrate", "check_split",
@@ -105,6 +105,7 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
     probs: dict[bool, list] = {False: [], True: []}
     lesion: dict[bool, list | None] = {False: [], True: []}
     batch: list = []
+    progress = ProgressLine(log) if log is not None else None
 
     def flush() -> None:
         for tta, settings in passes.items():
@@ -115,8 +116,8 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
         classes.extend(s.cls for s in batch)
         truths.extend(s.mask for s in batch)
         batch.clear()
-        if log is not None:
-            log(f"predicted {len(ids)} images (with and without TTA)")
+        if progress is not None:
+            progress.update(f"predicted {len(ids)} images (with and without TTA)")
 
     for sample in read_split(data_uri, split):
         batch.append(sample)
@@ -124,6 +125,8 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
             flush()
     if batch:
         flush()
+    if progress is not None:
+        progress.done(f"predicted {len(ids)} images (with and without TTA)")
     if not ids:
         raise ValueError(f"split '{split}' of {data_uri} has shards but no rows")
     if len(set(ids)) != len(ids):

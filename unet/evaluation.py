@@ -52,6 +52,7 @@ from unet import metrics as M
 from unet import storage
 from unet.codec import decode_png, encode_mask_png
 from unet.postprocess import final_mask, image_probabilities
+from unet.runtime import ProgressLine
 from unet.settings import ModelSettings
 from unet.shards import CLASSES, manifest_sha256
 from unet.statistics import summarize
@@ -239,7 +240,7 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
             ``gate_threshold=0`` switches its gate off.
         model_ref: how the user named the model (recorded in metrics.json).
         command: the command line that ran this evaluation (recorded in metrics.json).
-        log: optional callable taking a progress line.
+        log: optional callable taking a progress line (one every ~10 s, and the last one).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -251,6 +252,7 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
     model = loaded.model.to(device).eval()
     records: list[dict] = []
     batch: list[Sample] = []
+    progress = ProgressLine(log) if log is not None else None
 
     def flush() -> None:
         probs = predict_probabilities(model, [s.image for s in batch], settings, device)
@@ -261,8 +263,8 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
             records.append({"id": s.id, "class": s.cls, **score_image(prob, s.mask, pred), **head,
                             "shard": s.shard, "pred_png": encode_mask_png(pred)})
         batch.clear()
-        if log is not None:
-            log(f"scored {len(records)} images")
+        if progress is not None:
+            progress.update(f"scored {len(records)} images")
 
     for sample in read_split(data_uri, split):
         batch.append(sample)
@@ -270,6 +272,8 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
             flush()
     if batch:
         flush()
+    if progress is not None:
+        progress.done(f"scored {len(records)} images")
     if not records:
         raise ValueError(f"split '{split}' of {data_uri} has shards but no rows")
     per_image = pd.DataFrame.from_records(records, columns=[*PER_IMAGE_COLUMNS, "pred_png"])

@@ -1,4 +1,4 @@
-"""Turn a BUSI folder or generated phantoms into leakage-safe Parquet shards plus a manifest.
+"""Turn a BUSI folder, your own labelled folder or phantoms into leakage-safe Parquet shards + a manifest.
 
 This is the first step of the pipeline (source -> shards -> Ray Data -> model); training and
 evaluation read only what it writes. ``jobs/prepare.py`` is the command line around
@@ -9,7 +9,9 @@ Steps:
 1. **Read** the source into records (id, class, source, grey image and 0/255 mask as PNG bytes):
    :func:`unet.sources.read_busi` (BUSI's folder layout; split masks OR-merged; every file read
    as displayed, EXIF orientation applied, through the pixel rules of :mod:`unet.codec` that
-   inference uses too) or :func:`unet.sources.read_phantoms`. Files that cannot be used are
+   inference uses too), :func:`unet.folder_source.read_folder` (your own images and masks
+   matched by stem; class from folder, CSV or the mask) or :func:`unet.sources.read_phantoms`.
+   Files that cannot be used are
    *skipped with a reason* and listed in the manifest, or with ``strict=True`` the run fails
    listing them all.
 2. **Group near-duplicates** (:func:`group_duplicates`): 64-bit perceptual hash (DCT pHash,
@@ -55,6 +57,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from unet import storage
+from unet.folder_source import CLASS_SOURCES, DEFAULT_CLASSES, mask_regex, read_folder
 from unet.shards import CLASSES, MANIFEST, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS
 from unet.sources import HASH_SIZE, Record, read_busi, read_phantoms
 
@@ -65,6 +68,8 @@ DEFAULT_SHARD_SIZE = 64
 DEFAULT_HASH_THRESHOLD = 10  # max Hamming distance (bits) between near-duplicates, see module doc
 _STATS_COLUMNS = ["id", "class", "height", "width", "group", "source"]  # not the PNG blobs
 _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
+SOURCES = ("busi", "folder", "phantoms")
+_FOLDER_FIELDS = ("images", "masks", "mask_pattern", "class_from", "classes", "default_class")
 
 __all__ = ["DEFAULT_RATIOS", "DEFAULT_SHARD_SIZE", "DEFAULT_HASH_THRESHOLD", "SourceDataError",
            "PrepareConfig", "group_duplicates", "assign_splits", "write_dataset", "prepare"]
@@ -79,7 +84,8 @@ class PrepareConfig:
     """Everything that determines the output (recorded in the manifest; credentials are not here).
 
     Args:
-        source: ``"busi"`` (needs ``input``) or ``"phantoms"`` (needs ``num``).
+        source: ``"busi"`` (needs ``input``), ``"folder"`` (needs ``images`` and a class rule:
+            ``class_from``, ``classes`` or ``default_class``) or ``"phantoms"`` (needs ``num``).
         out: output URI, a local directory or ``s3://bucket/prefix``.
         input: BUSI folder: the one holding ``Dataset_BUSI_with_GT/`` or that folder itself.
         num, size: number and (height, width) of phantoms.
@@ -88,9 +94,17 @@ class PrepareConfig:
         shard_size: rows per Parquet file.
         hash_threshold: max pHash Hamming distance (0-64) for two images to be near-duplicates.
         strict: fail on any bad source file instead of skipping it.
-        max_side: shrink BUSI images (and masks) whose longer side is over this many pixels
+        max_side: shrink source images (and masks) whose longer side is over this many pixels
             (area interpolation; masks nearest); None keeps the original size. Duplicate groups
             and splits are computed on the full-size images, so they match an unshrunk run.
+        images, masks: (folder) the images folder and the masks folder (None: ``images`` itself);
+            sub-folders are read recursively and masks mirror the images' sub-folders.
+        mask_pattern: (folder) an image's mask file name from its stem, e.g. ``"{stem}_mask.png"``;
+            ``"{stem}"`` (default) is the same name with any image suffix.
+        class_from: (folder) ``"folder"``: the class is the image's parent folder name.
+        classes: (folder) CSV file with columns ``image,class`` (image path relative to ``images``).
+        default_class: (folder) ``"benign"`` or ``"malignant"`` for images with a lesion that no
+            class source names; an image with an empty mask and no given class is ``"normal"``.
     """
 
     source: str
@@ -104,12 +118,20 @@ class PrepareConfig:
     hash_threshold: int = DEFAULT_HASH_THRESHOLD
     strict: bool = False
     max_side: int | None = None
+    images: str | None = None
+    masks: str | None = None
+    mask_pattern: str = "{stem}"
+    class_from: str | None = None
+    classes: str | None = None
+    default_class: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in ("busi", "phantoms"):
-            raise ValueError(f"source must be 'busi' or 'phantoms', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.source == "busi" and not self.input:
             raise ValueError("source 'busi' needs input: the folder holding Dataset_BUSI_with_GT/")
+        if self.source == "folder":
+            self._check_folder()
         if self.source == "phantoms" and self.num < 1:
             raise ValueError(f"source 'phantoms' needs num >= 1, got {self.num}")
         if len(self.size) != 2 or min(self.size) < 16:
@@ -127,6 +149,22 @@ class PrepareConfig:
         if not str(self.out):
             raise ValueError("out must be a local directory or an s3:// URI")
 
+    def _check_folder(self) -> None:
+        if not self.images:
+            raise ValueError("source 'folder' needs images: the folder of images (masks: their folder)")
+        mask_regex(self.mask_pattern)
+        if self.class_from not in (None, *CLASS_SOURCES):
+            raise ValueError(f"class_from must be one of {', '.join(CLASS_SOURCES)} or None, got {self.class_from!r}")
+        if self.class_from and self.classes:
+            raise ValueError("give one class source: class_from='folder' or a classes CSV, not both")
+        if self.default_class not in (None, *DEFAULT_CLASSES):
+            raise ValueError(f"default_class must be one of {', '.join(DEFAULT_CLASSES)} (a lesion is never "
+                             f"'normal'), got {self.default_class!r}")
+        if not (self.class_from or self.classes or self.default_class):
+            raise ValueError("source 'folder' needs a class rule for images with a lesion: class_from='folder', "
+                             "a classes CSV (image,class) or default_class ('benign' or 'malignant'); "
+                             f"classes are {', '.join(CLASSES)} and are never guessed from the mask")
+
     @property
     def split_ratios(self) -> tuple[float, float, float]:
         total = float(sum(self.ratios))
@@ -135,8 +173,14 @@ class PrepareConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["size"], d["ratios"] = list(self.size), list(self.ratios)
-        if self.source == "busi":
-            del d["num"], d["size"]  # meaningless for BUSI; keeps the record honest
+        # Drop what the source ignores: keeps the record honest (and older manifests unchanged).
+        if self.source != "phantoms":
+            del d["num"], d["size"]
+        if self.source == "folder":
+            del d["input"]
+        else:
+            for name in _FOLDER_FIELDS:
+                del d[name]
         return d
 
 
@@ -339,6 +383,12 @@ def prepare(config: PrepareConfig, *, command: str | None = None,
     if config.source == "busi":
         records, skipped = read_busi(config.input, progress=stage("read"), max_side=config.max_side)
         where = f"BUSI folder {config.input}"
+    elif config.source == "folder":
+        records, skipped = read_folder(config.images, config.masks, mask_pattern=config.mask_pattern,
+                                       class_from=config.class_from, classes=config.classes,
+                                       default_class=config.default_class, max_side=config.max_side,
+                                       progress=stage("read"))
+        where = f"image folder {config.images}"
     else:
         records, skipped = read_phantoms(config.num, config.seed, tuple(config.size), progress=stage("generate")), []
         where = f"{config.num} phantoms"

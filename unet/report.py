@@ -1,6 +1,8 @@
-"""Evaluation report: matplotlib figures (PNG) and one ``report.html`` that links them relatively.
+"""Evaluation report: matplotlib figures (PNG) and one self-contained ``report.html``.
 
-The report is a directory you can open from disk, copy, or serve as static files::
+``report.html`` carries its figures inside (base64 PNG ``data:`` URIs) and references no other
+file, so the one file can be copied off a cluster, attached to a message or opened from anywhere.
+The PNGs are also written beside it, for tools and listings that want the pictures alone::
 
     out/report.html                 summary tables (mean and 95 % CI), figures, definitions
     out/figures/overlays.png        class-stratified sample: image | truth | prediction | errors
@@ -17,6 +19,7 @@ deficiencies; the legend is on every case figure.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from collections.abc import Mapping, Sequence
@@ -42,6 +45,10 @@ _TRUTH_COLOUR = (255, 210, 0)
 _PRED_COLOUR = (0, 220, 220)
 _DISPLAY_MAX = 256  # panel pixels: large ultrasound frames are shrunk for the figure only
 _CLASS_COLOURS = dict(zip(CLASSES, ("tab:green", "tab:red", "tab:blue"), strict=True))
+# Figure resolution. Speckled ultrasound panels barely compress, and every PNG is embedded in the
+# HTML (base64, +33 %): at 80 dpi an overlay row (4 panels of ~190 px) is about 150 kB, so the
+# default report (12 + 4 + 4 + 4 rows) stays under ~5 MB, still attachable, panels still readable.
+_DPI = 80
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +121,7 @@ def plot_cases(cases: Sequence[Any], path: str | Path, title: str) -> Path:
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
 
@@ -200,6 +207,11 @@ def plot_training_curves(history: Any, path: str | Path) -> Path | None:
 # HTML
 # --------------------------------------------------------------------------------------------
 
+def _data_uri(path: Path) -> str:
+    """The PNG at ``path`` as a ``data:`` URI, so the HTML needs no file beside it."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -276,7 +288,8 @@ dl dt{font-weight:600}dl dd{margin:0 0 .5em 1.5em}
 
 
 def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], chosen: Mapping[str, Sequence[str]]) -> Path:
-    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.html``; returns its path.
+    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.html`` (figures
+    embedded, self-contained); returns its path.
 
     ``result`` is a :class:`unet.evaluation.EvaluationResult`; ``cases`` maps id -> ``Case`` for
     every id in ``chosen`` (``sample``, ``best``, ``worst``, ``false_lesions`` lists of ids).
@@ -284,13 +297,12 @@ def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], cho
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     m = result.metrics
-    figures: list[tuple[str, str, str]] = []  # (relative path, heading, caption)
+    figures: list[tuple[Path, str, str]] = []  # (PNG written, heading, caption)
 
     def cases_figure(key: str, name: str, heading: str, caption: str) -> None:
         ids = list(chosen.get(key, []))
         if ids:
-            plot_cases([cases[i] for i in ids], fig_dir / name, heading)
-            figures.append((f"figures/{name}", heading, caption))
+            figures.append((plot_cases([cases[i] for i in ids], fig_dir / name, heading), heading, caption))
 
     cases_figure("sample", "overlays.png", "Overlays (class-stratified sample)",
                  "Each row: the image, the ground truth (yellow), the prediction (cyan) and the errors: "
@@ -298,11 +310,11 @@ def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], cho
     cases_figure("worst", "worst.png", "Worst cases (lesion images, lowest Dice)", "")
     cases_figure("best", "best.png", "Best cases (lesion images, highest Dice)", "")
     cases_figure("false_lesions", "false_lesions.png", "False lesions (normal images with predicted pixels)", "")
-    plot_metric_distributions(result.per_image, fig_dir / "dice_by_class.png")
-    figures.append(("figures/dice_by_class.png", "Per-image Dice and HD95 by class", ""))
+    figures.append((plot_metric_distributions(result.per_image, fig_dir / "dice_by_class.png"),
+                    "Per-image Dice and HD95 by class", ""))
     curves = plot_training_curves(result.history, fig_dir / "curves.png")
     if curves is not None:
-        figures.append(("figures/curves.png", "Training curves", "From the model artifact's training history."))
+        figures.append((curves, "Training curves", "From the model artifact's training history."))
 
     model, data = m["model"], m["data"]
     esc = html.escape
@@ -322,7 +334,7 @@ def write_report(out_dir: str | Path, result: Any, cases: Mapping[str, Any], cho
     ]
     definitions = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in m.get("definitions", {}).items())
     figure_html = "".join(
-        f"<h3>{esc(h)}</h3>" + (f"<p>{esc(c)}</p>" if c else "") + f'<img src="{esc(p)}" alt="{esc(h)}">'
+        f"<h3>{esc(h)}</h3>" + (f"<p>{esc(c)}</p>" if c else "") + f'<img src="{_data_uri(p)}" alt="{esc(h)}">'
         for p, h, c in figures)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Segmentation report: {esc(str(m['model_id']))}</title>
@@ -336,8 +348,9 @@ all images. Normal images have an empty ground truth: they score 1.0 with an emp
 {_rates_table(m)}
 <h2>Image-level head</h2>
 {_head_table(m)}
-<p>Per-image results: <a href="per_image.csv">per_image.csv</a> · <a href="per_image.parquet">per_image.parquet</a>
-(with predicted masks) · all numbers: <a href="metrics.json">metrics.json</a></p>
+<p>Beside this report in its output folder (not embedded; this page stands alone): per-image results
+<code>per_image.csv</code> · <code>per_image.parquet</code> (with predicted masks) · all numbers
+<code>metrics.json</code> · the figures as PNG files in <code>figures/</code>.</p>
 <h2>Figures</h2>
 {figure_html}
 <h2>Definitions</h2>

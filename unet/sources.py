@@ -1,13 +1,14 @@
 """Sources of prepared data: a BUSI folder or generated phantoms -> :class:`Record` per image.
 
-The first stage of :func:`unet.prepare.prepare`. BUSI (:func:`read_busi`):
-``Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME.png`` with ``NAME_mask.png`` and possibly
-``NAME_mask_1.png``, ``NAME_mask_2.png``... which are OR-merged. Every file is read as a viewer
-shows it (EXIF orientation applied) and converted by the pixel rules of :mod:`unet.codec`, the
-same ones inference applies: images (RGB, RGBA, grey, palette, 16-bit, ...) become 8-bit grey;
-masks become 0/255 (any non-zero colour channel counts as lesion). Files that cannot be used are
-*skipped with a reason* (missing mask, mask size differs from the image, unreadable file, mask
-without image, ...), never silently dropped.
+The first stage of :func:`unet.prepare.prepare` (a folder of your own labelled images is read by
+:func:`unet.folder_source.read_folder`, with the same pixel rules and :class:`Skipped` reasons).
+BUSI (:func:`read_busi`): ``Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME.png`` with
+``NAME_mask.png`` and possibly ``NAME_mask_1.png``, ``NAME_mask_2.png``... which are OR-merged.
+Every file is read as a viewer shows it (EXIF orientation applied) and converted by the pixel
+rules of :mod:`unet.codec`, the same ones inference applies: images (RGB, RGBA, grey, palette,
+16-bit, ...) become 8-bit grey; masks become 0/255 (any non-zero colour channel counts as
+lesion). Files that cannot be used are *skipped with a reason* (missing mask, mask size differs
+from the image, unreadable file, mask without image, ...), never silently dropped.
 
 Example::
 
@@ -42,7 +43,7 @@ _MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
 
-__all__ = ["BUSI_FOLDER", "HASH_SIZE", "Record", "Skipped", "find_busi_root", "natural_key",
+__all__ = ["BUSI_FOLDER", "HASH_SIZE", "Record", "Skipped", "find_busi_root", "make_record", "natural_key",
            "perceptual_hash", "read_busi", "read_image", "read_mask", "read_phantoms"]
 
 
@@ -98,8 +99,9 @@ def perceptual_hash(image: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def _record(id_: str, cls: str, source: str, image: np.ndarray, mask: np.ndarray,
-            max_side: int | None = None) -> Record:
+def make_record(id_: str, cls: str, source: str, image: np.ndarray, mask: np.ndarray,
+                max_side: int | None = None) -> Record:
+    """Grey image + bool mask -> :class:`Record` (PNG cells, pHash); shrunk to `max_side` if over."""
     # The hash comes from the full-size image, so a downsized copy splits exactly as the original.
     phash = perceptual_hash(image)
     if max_side is not None and max(image.shape) > max_side:
@@ -190,7 +192,7 @@ def read_busi(input_dir: str | Path, progress: Callable[[int, int], None] | None
         except ValueError as e:
             skip(rel, str(e).replace(str(root) + "/", ""))
         else:
-            records.append(_record(stem, cls, f"busi:{rel}", image, lesion, max_side))
+            records.append(make_record(stem, cls, f"busi:{rel}", image, lesion, max_side))
         if progress:
             progress(done, len(todo))
     records.sort(key=lambda r: natural_key(r.id))
@@ -204,7 +206,7 @@ def read_phantoms(num: int, seed: int = 0, size: tuple[int, int] = (256, 256),
 
     records = []
     for index, p in enumerate(generate(num, seed=seed, size=size)):
-        records.append(_record(p.id, p.kind, f"phantoms:seed={seed},index={index}", p.image, p.mask))
+        records.append(make_record(p.id, p.kind, f"phantoms:seed={seed},index={index}", p.image, p.mask))
         if progress:
             progress(index + 1, num)
     records.sort(key=lambda r: natural_key(r.id))

@@ -57,6 +57,11 @@ def bootstrap_ci(values: np.ndarray, *, n_bootstrap: int, seed: int | Sequence[i
             stats[start:stop] = M.scores_from_counts(tp, fp, fn)[statistic]
         else:
             raise ValueError(f"statistic must be 'mean', 'dice' or 'iou'; got {statistic!r}")
+    return _percentile_interval(stats, ci)
+
+
+def _percentile_interval(stats: np.ndarray, ci: float) -> tuple[float, float]:
+    """The central ``ci`` interval of the defined (non-NaN) bootstrap statistics; NaNs if none."""
     stats = stats[~np.isnan(stats)]
     if stats.size == 0:
         return math.nan, math.nan
@@ -75,12 +80,7 @@ def auroc_ci(scores: np.ndarray, positive: np.ndarray, *, n_bootstrap: int, seed
         return math.nan, math.nan
     idx = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
     stats = np.array([M.auroc(scores[i], positive[i]) for i in idx])
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
-        return math.nan, math.nan
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    return _percentile_interval(stats, ci)
 
 
 def _stat(mean: float, ci: tuple[float, float], **extra: Any) -> dict[str, Any]:

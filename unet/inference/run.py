@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from .. import faults, storage
 from ..settings import POSTPROCESS_DEFAULTS, check_postprocess, check_threshold
-from ..runtime import UsageError, require_cuda
+from ..runtime import ProgressLine, UsageError, quiet_native_stderr, require_cuda
 from .decode import DEFAULT_MAX_PIXELS
 from .model import MASK_RULE_KEYS, Predictor, postprocess
 from .output import OUTPUT_SCHEMA, PartAssembler, delete_parts, list_parts, part_bytes, part_name, read_footer
@@ -211,6 +211,8 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
         if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
             out_fs.delete_dir(tmp_path)
     summary.wall_s = round(time.monotonic() - started, 3)
+    logger.info("wrote %d part(s) to %s: %d images segmented, %d error rows, in %.1f s",
+                summary.parts_written, config.output, summary.rows_ok, summary.rows_error, summary.wall_s)
     record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config),
               "threshold": settings.threshold, "postprocess": _used_postprocess(settings),
               "input_size": list(settings.input_size),
@@ -328,9 +330,14 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
                 _collect(pending, summary, wait=True)
 
         assembler = PartAssembler(chunks, write)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-            assembler.add(batch)
-            _collect(pending, summary, wait=False)
+        progress, rows = ProgressLine(logger.info), 0
+        # Ray Data starts its model actors here; see quiet_native_stderr for the line it keeps quiet.
+        with quiet_native_stderr():
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                assembler.add(batch)
+                _collect(pending, summary, wait=False)
+                rows += batch.num_rows
+                progress.update(f"{rows} images done; {summary.parts_written}/{len(chunks)} parts written")
         while pending:
             _collect(pending, summary, wait=True)
     if logger.isEnabledFor(logging.DEBUG):

@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ray.train import DataConfig
 
 from unet import faults, storage
 from unet.models import build_model
-from unet.runtime import init_ray, require_cuda
+from unet.runtime import init_ray, is_quiet, require_cuda
 from unet.shards import MANIFEST, read_manifest
 
 from .checkpoints import check_same_run, export_best, previous_result, read_checkpoint_config
@@ -34,7 +35,7 @@ from .config import SMOKE_PHANTOMS, TrainConfig
 from .loop import train_loop_per_worker
 from .resources import ResourcePlan, plan_resources
 
-__all__ = ["FitOutcome", "SplitValDataConfig", "build_datasets", "build_trainer", "fit"]
+__all__ = ["FitOutcome", "SplitValDataConfig", "WorkerLogRelay", "build_datasets", "build_trainer", "fit"]
 
 logger = logging.getLogger("unet.train")
 
@@ -129,11 +130,12 @@ def _alive_nodes() -> list[dict[str, float]]:
 
 def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, Any], *,
                   train_loop=train_loop_per_worker, loop_config: Mapping[str, Any] | None = None,
-                  command: str | None = None):
+                  command: str | None = None, log_queue: Any = None):
     """The ``TorchTrainer`` for ``cfg`` (gloo on CPU, nccl on GPU), checkpointing to storage/name.
 
     ``train_loop``/``loop_config`` default to :func:`train_loop_per_worker` with the config; tests
     pass their own loop to exercise pieces (e.g. :func:`validate`) under the same trainer setup.
+    ``log_queue``: where workers also send their log lines (:class:`WorkerLogRelay`), or None.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -154,7 +156,7 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, A
     if loop_config is None:
         loop_config = {"train": cfg.to_dict(), "torch_threads": plan.torch_threads,
                        "resources_per_worker": plan.resources_per_worker(), "command": command,
-                       "fault_drill": faults.current()}
+                       "fault_drill": faults.current(), "log_queue": log_queue}
     return TorchTrainer(
         train_loop,
         train_loop_config=dict(loop_config),
@@ -164,6 +166,47 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, A
         datasets=dict(datasets),
         dataset_config=SplitValDataConfig(),
     )
+
+
+class WorkerLogRelay:
+    """Brings the workers' ``unet.train`` log lines to this driver's log when Ray does not.
+
+    Quiet jobs start Ray with ``log_to_driver=False`` (worker output stays in the workers' log
+    files), but the per-epoch line of rank 0 (:func:`unet.training.loop.log_epoch`) is the job's
+    own progress and must reach the terminal or ``ray job logs``. The workers put ``(level,
+    message)`` into :attr:`queue` (a ``ray.util.queue.Queue``, an actor that holds no CPU); a
+    driver thread logs each one on the ``unet.train`` logger. :meth:`close` logs what is left.
+    """
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unet-train-log-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._log(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+
+    @staticmethod
+    def _log(item: tuple[int, str]) -> None:
+        level, message = item
+        logger.log(level, message)
+
+    def close(self) -> None:
+        """Stop the thread, log the lines still queued, remove the queue actor."""
+        self._stop.set()
+        self._thread.join()
+        for item in self.queue.get_nowait_batch(self.queue.qsize()):
+            self._log(item)
+        self.queue.shutdown()
 
 
 @dataclass
@@ -216,8 +259,16 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
         logger.info("resources: %s", plan.describe())
         if not storage.exists(storage.join(cfg.data, MANIFEST)):
             logger.warning("%s has no %s; provenance will not pin the data version", cfg.data, MANIFEST)
-        trainer = build_trainer(cfg, plan, build_datasets(cfg, epoch_offset=done), command=command)
-        result = trainer.fit()
+        # A quiet job's Ray does not forward worker output: the workers' lines (one per epoch)
+        # come through a relay instead. A Ray started elsewhere (tests, notebooks) forwards it.
+        relay = WorkerLogRelay() if started and is_quiet() else None
+        try:
+            trainer = build_trainer(cfg, plan, build_datasets(cfg, epoch_offset=done), command=command,
+                                    log_queue=relay.queue if relay else None)
+            result = trainer.fit()
+        finally:
+            if relay is not None:
+                relay.close()
         uri, best_epoch, best_metrics, history = export_best(cfg, result, command=command, plan=plan)
         start_epoch = (result.metrics or {}).get("start_epoch")
         return FitOutcome(uri, cfg.run_uri, best_epoch, best_metrics, history, True, start_epoch, plan,

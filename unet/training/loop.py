@@ -247,14 +247,34 @@ def log_epoch(record: Mapping[str, Any], epochs: int) -> None:
         record["epoch_s"], record["elapsed_s"])
 
 
-def _setup_worker_logging() -> None:
-    # Ray forwards worker stdout to the driver; without a handler logging would drop INFO lines.
-    if not logger.handlers:
+class _QueueHandler(logging.Handler):
+    """Puts ``(level, message)`` into the driver's relay queue (``unet.training.driver.WorkerLogRelay``)."""
+
+    def __init__(self, queue: Any):
+        super().__init__(logging.INFO)
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait((record.levelno, record.getMessage()))
+        except Exception:  # noqa: BLE001 - logging's rule: report on stderr (the worker's log), never raise
+            self.handleError(record)
+
+
+def _setup_worker_logging(log_queue: Any = None) -> None:
+    # Stdout goes to the worker's log file, and to the driver when Ray forwards worker output
+    # (log_to_driver, Ray's default); without a handler logging would drop INFO lines. Quiet jobs
+    # turn forwarding off and pass a queue instead, whose lines the driver logs as its own.
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[unet.train] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    for handler in [h for h in logger.handlers if isinstance(h, _QueueHandler)]:
+        logger.removeHandler(handler)
+    if log_queue is not None:
+        logger.addHandler(_QueueHandler(log_queue))
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -285,12 +305,12 @@ def _committed() -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``loop_config = {"train": TrainConfig.to_dict(), "torch_threads": n,
-    "command": str, "fault_drill": unet.faults.current()}``. Returns (rank 0's value reaches
-    ``Result.return_value``) a small summary."""
+    "command": str, "fault_drill": unet.faults.current(), "log_queue": relay queue or None}``.
+    Returns (rank 0's value reaches ``Result.return_value``) a small summary."""
     import ray.train
     import ray.train.torch
 
-    _setup_worker_logging()
+    _setup_worker_logging(loop_config.get("log_queue"))
     cfg = TrainConfig.from_dict(loop_config["train"], source="train_loop_config")
     torch.set_num_threads(int(loop_config.get("torch_threads", 1)))
     ctx = ray.train.get_context()
