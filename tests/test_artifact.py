@@ -369,3 +369,20 @@ def test_round_trip_through_s3(s3_env):
         assert torch.equal(loaded.model(x), model(x))
     with pytest.raises(FileNotFoundError, match=f"{s3_env}/models/none/{CONFIG_NAME}"):
         load_artifact(f"{s3_env}/models/none")
+
+
+def test_float16_storage_halves_the_file_and_loads_back_into_float32(tmp_path):
+    model = _trained("unet")
+    full = _save(model, tmp_path / "full")
+    half = _save(model, tmp_path / "half", weights_dtype="float16")
+    size = lambda d: (Path(d) / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    loaded = load_artifact(half)
+    assert loaded.config["weights_dtype"] == "float16" and "weights_dtype" not in load_artifact(full).config
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    x = torch.rand(2, 1, 40, 40)
+    assert torch.allclose(loaded.predict(x), model(x), atol=1e-2)
+    again = _save(loaded.model, tmp_path / "again", weights_dtype="float16")   # re-saving keeps the id
+    assert load_artifact(again).model_id == loaded.model_id
+    with pytest.raises(ValueError, match="weights_dtype must be one of float32, float16"):
+        _save(model, tmp_path / "bad", weights_dtype="bfloat16")

@@ -7,6 +7,7 @@ epoch, a summary — and Ray's console output stays in Ray's log files unless ``
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ def output_state():
 
 @pytest.mark.parametrize("job", JOBS)
 def test_every_job_has_a_verbose_flag(job):
-    module = __import__(f"jobs.{job}", fromlist=["build_parser"])
+    module = importlib.import_module(f"jobs.{job}")
     assert "--verbose" in module.build_parser().format_help()
 
 

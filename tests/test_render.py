@@ -20,7 +20,8 @@ from unet.cli import run_main
 from unet.codec import encode_mask_png
 from unet.inference.output import OUTPUT_SCHEMA, part_bytes, part_name
 from unet.inference.plan import Chunk
-from unet.render import OUTLINE_BGR, file_name
+from unet.render import OUTLINE_BGR
+from unet.safe_names import file_name
 
 
 def _mask(h: int, w: int, box: tuple[int, int, int, int] | None) -> np.ndarray:

@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Package data: named, ready-to-use artifacts (may be absent in a fresh checkout).
@@ -237,6 +238,7 @@ def save_artifact(
     postprocess: dict | None = None,
     provenance: dict | None = None,
     name: str | None = None,
+    weights_dtype: str = "float32",
 ) -> str:
     """Write ``model`` as an artifact directory ``dest`` (local path or URI); returns ``dest``.
 
@@ -253,6 +255,8 @@ def save_artifact(
             keys); omitted = plain thresholding.
         provenance: JSON-serialisable facts about training (command, data URI, metrics, ...).
         name: prefix of ``model_id``; default ``architecture``.
+        weights_dtype: ``"float32"`` or ``"float16"``: how floating-point tensors are stored
+            (float16 halves the file; loading casts them back to the model's float32).
 
     Raises:
         ValueError: a bad argument, or architecture/model_kwargs that do not describe ``model``.
@@ -288,7 +292,11 @@ def save_artifact(
             f"does not describe this model: {mismatch}"
         )
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"{where}weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}; got {weights_dtype!r}")
+    dtype = WEIGHTS_DTYPES[weights_dtype]
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+               for k, v in state.items()}
     # One metadata key only: safetensors orders several keys differently from run to run, and the
     # bytes must be deterministic so that the same weights always get the same sha256 / model_id.
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
@@ -300,6 +308,7 @@ def save_artifact(
         "input_size": check_input_size(input_size, where),
         "normalization": check_normalization(normalization, where),
         "threshold": check_threshold(threshold, where),
+        **({"weights_dtype": weights_dtype} if weights_dtype != "float32" else {}),
         **({"postprocess": check_postprocess(postprocess, where)} if postprocess else {}),
         "provenance": provenance,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),

@@ -378,6 +378,7 @@ def write_calibrated(loaded: Any, calibration: Calibration, dest: str, *, comman
         provenance={**config.get("provenance", {}),
                     "calibration": calibration.provenance(model_id=loaded.model_id, command=command)},
         name=config.get("name") or config["architecture"],
+        weights_dtype=config.get("weights_dtype", "float32"),
     )
     with tempfile.TemporaryDirectory(prefix="unet-calibrate-") as tmp:
         scratch = load_artifact(save_artifact(loaded.model, Path(tmp) / "model", **kwargs))

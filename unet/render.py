@@ -49,14 +49,11 @@ Example::
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import math
 import os
 import posixpath
 import re
-import sqlite3
-import stat
 import tempfile
 import urllib.parse
 import uuid
@@ -70,20 +67,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
-from .codec import decode_png
+from .codec import decode_png, encode_png
 from .inference.decode import DEFAULT_MAX_PIXELS, decode_image, describe_error
-from .inference.plan import IMAGE_SUFFIXES, PARQUET_SUFFIXES, TAR_SUFFIXES, fs_path, input_root
+from .inference.plan import PARQUET_SUFFIXES, TAR_SUFFIXES, fs_path, input_root
 from .inference.read import DEFAULT_MAX_BYTES
+from .safe_names import Names, Writer, file_name, is_plain_relative
 
-__all__ = ["BATCH_ROWS", "DEFAULT_SHEET_ROWS", "TABLE_ROWS", "RenderSummary", "draw_outline", "file_name",
-           "iter_output_rows", "list_output_parts", "render", "safe_relpath"]
+__all__ = ["BATCH_ROWS", "DEFAULT_SHEET_ROWS", "TABLE_ROWS", "RenderSummary", "draw_outline",
+           "iter_output_rows", "list_output_parts", "render"]
 
 BATCH_ROWS = 64  # rows decoded at a time from a part
 DEFAULT_SHEET_ROWS = 100  # rows on the contact sheet without a limit
 TABLE_ROWS = 1000  # lines per table in index.html; files.csv has them all
 THUMB_SIDE = 192  # longest side of a contact-sheet thumbnail, pixels
 OUTLINE_BGR = (0, 255, 255)  # yellow: stands out on grey and means none of the evaluation colours
-MAX_NAME_BYTES = 200  # file/folder name length kept (file systems allow 255; room for "~n.png")
 
 # Columns read; the first three must be there, the others may be missing in older outputs.
 REQUIRED_COLUMNS = ("image_id", "status", "mask_png")
@@ -122,152 +119,6 @@ class RenderSummary:
                          f"(only image-file inputs are supported)")
         head = f"rendered {self.rows} rows" + (" (--limit reached)" if self.truncated else "")
         return f"{head}: {', '.join(items)}; index: {self.index}"
-
-
-# --- naming ------------------------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def _shorten(name: str, keep_suffix: str = "") -> str:
-    """``name`` cut to MAX_NAME_BYTES of UTF-8 (keeping ``keep_suffix``) with a hash of the whole."""
-    if len(name.encode()) <= MAX_NAME_BYTES:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    head = name[:len(name) - len(keep_suffix)] if keep_suffix else name
-    budget = MAX_NAME_BYTES - len(keep_suffix.encode()) - len(digest) - 1
-    head = head.encode()[:budget].decode("utf-8", errors="ignore")
-    return f"{head}-{digest}{keep_suffix}"
-
-
-def safe_relpath(image_id: str) -> tuple[str, list[str]]:
-    """``image_id`` as a relative path that stays inside its folder, and what was changed (empty
-    when nothing). The last component keeps its extension; :func:`file_name` swaps it for .png."""
-    notes: list[str] = []
-    text = image_id
-    if _CONTROL.search(text):
-        text = _CONTROL.sub("_", text)
-        notes.append("backslash or control character replaced by '_'")
-    if text.startswith("/") or _DRIVE.match(text):
-        notes.append("absolute path made relative")
-        if _DRIVE.match(text):
-            text = text[0] + "_" + text[2:]
-    parts: list[str] = []
-    raw = text.split("/")
-    if "" in raw[1:]:  # "a//b", "a/"; a leading "" is the absolute path noted above
-        notes.append("empty path component dropped")
-    for i, part in enumerate(raw):
-        if part == "":
-            continue
-        if part in (".", ".."):
-            notes.append(f"'{part}' component replaced")
-            part = "_" * len(part)
-        last = i == len(raw) - 1
-        if not last and part.lower().endswith(".png"):
-            notes.append(f"folder {part!r} renamed (ends in .png)")
-            part += "_"
-        short = _shorten(part)
-        if short != part:
-            notes.append("over-long name shortened")
-        parts.append(short)
-    if not parts:
-        notes.append("empty id")
-        parts = ["_"]
-    # Keep the notes in the order they first happened, once each.
-    return "/".join(parts), list(dict.fromkeys(notes))
-
-
-def _plain_relative(image_id: str) -> bool:
-    """True when ``image_id`` is a relative path that cannot leave its folder (no absolute path,
-    drive, ``.``/``..``/empty component, backslash or control character)."""
-    return not (image_id.startswith("/") or _DRIVE.match(image_id) or _CONTROL.search(image_id)
-                or any(p in ("", ".", "..") for p in image_id.split("/")))
-
-
-def file_name(image_id: str) -> tuple[str, list[str]]:
-    """The file a row's mask (and overlay) gets, relative to ``masks/`` (``overlays/``), before
-    collisions are resolved; and what was changed in the id to make it safe."""
-    rel, notes = safe_relpath(image_id)
-    folder, _, name = rel.rpartition("/")
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            name = name[:-len(suffix)]
-            break
-    name = _shorten((name or "_") + ".png", keep_suffix=".png")
-    return (f"{folder}/{name}" if folder else name), notes
-
-
-class _Names:
-    """Names already given in this run (case-folded, so that case-insensitive file systems cannot
-    merge two of them); on disk, so memory does not grow with the output."""
-
-    def __init__(self, directory: str):
-        self._db = sqlite3.connect(os.path.join(directory, "names.sqlite"))
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE names (key TEXT PRIMARY KEY) WITHOUT ROWID")
-
-    def _claim(self, rel: str) -> bool:
-        return self._db.execute("INSERT OR IGNORE INTO names VALUES (?)", (rel.casefold(),)).rowcount == 1
-
-    def claim(self, rel: str) -> tuple[str, bool]:
-        """A free name for ``rel`` (itself, else ``<stem>~n.png``) and whether it had to change."""
-        if self._claim(rel):
-            return rel, False
-        stem = rel[:-len(".png")]
-        n = 2
-        while not self._claim(candidate := f"{stem}~{n}.png"):
-            n += 1
-        return candidate, True
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class _Writer:
-    """Writes files below one local folder and nowhere else."""
-
-    def __init__(self, root: str):
-        self.root = os.path.realpath(root)
-        self._checked: set[str] = set()  # folders made or checked; bounded by the folders written
-
-    def _folder(self, rel_folder: str) -> str:
-        path = self.root
-        done = ""
-        for part in rel_folder.split("/") if rel_folder else ():
-            path = os.path.join(path, part)
-            done = f"{done}/{part}"
-            if done in self._checked:
-                continue
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                # A link could lead outside the folder; a file cannot hold files.
-                if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    raise ValueError(f"{path} exists and is not a folder (a file or a symbolic link); "
-                                     f"refusing to write through it: render into an empty folder") from None
-            self._checked.add(done)
-        return path
-
-    def write(self, rel: str, data: bytes) -> None:
-        folder, _, name = rel.rpartition("/")
-        parent = self._folder(folder)
-        target = os.path.join(parent, name)
-        if os.path.commonpath([self.root, os.path.realpath(parent)]) != self.root:
-            raise AssertionError(f"{target} is outside {self.root}")  # cannot happen: sanitised names
-        # A temporary renamed into place: replaces a symbolic link at the target, never follows it.
-        tmp = os.path.join(parent, f".{name[:100]}.tmp-{uuid.uuid4().hex[:8]}")
-        with storage.errors(target, "write"):
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            except OSError:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                raise
 
 
 # --- reading the output ------------------------------------------------------------------------
@@ -352,7 +203,7 @@ class _Images:
                 raise ValueError(f"--images is the single file {self.uri}, not this row's image")
             path, where = self.single_path, self.uri
         else:
-            if not _plain_relative(image_id):
+            if not is_plain_relative(image_id):
                 raise ValueError("the id is not a plain relative path; its image is not looked up")
             path = fs_path(self.root, image_id, self.s3)
             where = storage.join(self.uri, image_id)
@@ -375,13 +226,6 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, in
     thickness = max(1, round(max(image.shape[:2]) / 300))
     cv2.drawContours(bgr, contours, -1, colour, thickness)
     return bgr
-
-
-def _png(array: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise ValueError(f"could not PNG-encode an array of shape {array.shape}")
-    return encoded.tobytes()
 
 
 def _thumbnail(array: np.ndarray) -> np.ndarray:
@@ -441,7 +285,7 @@ def _table(title: str, header: tuple[str, ...], lines: list[tuple], total: int) 
     return f"<h2>{esc(title)} ({total})</h2><table><tr>{head}</tr>{body}</table>{more}"
 
 
-def _write_index(writer: _Writer, sheet: _Sheet, summary: RenderSummary, masks_uri: str, sheet_rows: int) -> None:
+def _write_index(writer: Writer, sheet: _Sheet, summary: RenderSummary, masks_uri: str, sheet_rows: int) -> None:
     esc = html.escape
     shown = min(summary.rows, sheet_rows)
     page = f"""<!doctype html>
@@ -505,7 +349,7 @@ def render(masks: str, to: str, *, images: str | None = None, limit: int | None 
 
     root = storage.get_filesystem(to)[1]
     os.makedirs(root, exist_ok=True)
-    writer = _Writer(root)
+    writer = Writer(root)
     summary = RenderSummary(to=writer.root, index=os.path.join(writer.root, "index.html"),
                             with_overlays=source is not None)
     sheet = _Sheet()
@@ -514,7 +358,7 @@ def render(masks: str, to: str, *, images: str | None = None, limit: int | None 
     try:
         with tempfile.TemporaryDirectory(prefix="unet-render-") as scratch, \
                 open(csv_tmp, "x", newline="", encoding="utf-8") as csv_file:
-            names = _Names(scratch)
+            names = Names(scratch)
             table = csv.writer(csv_file)
             table.writerow(["image_id", "status", "mask", "overlay", "note"])
             try:
@@ -543,7 +387,7 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
-def _render_row(row: dict, on_sheet: bool, writer: _Writer, names: _Names, source: _Images | None,
+def _render_row(row: dict, on_sheet: bool, writer: Writer, names: Names, source: _Images | None,
                 summary: RenderSummary, sheet: _Sheet, table) -> None:
     image_id = row["image_id"]
     if row["status"] != "ok":
@@ -595,10 +439,10 @@ def _render_row(row: dict, on_sheet: bool, writer: _Writer, names: _Names, sourc
             else:
                 shown = draw_outline(image, mask)
                 overlay_rel = f"overlays/{rel}"
-                writer.write(overlay_rel, _png(shown))
+                writer.write(overlay_rel, encode_png(shown))
                 summary.overlays += 1
     if on_sheet:
         thumb = f"thumbs/{len(sheet.cards):06d}.png"
-        writer.write(thumb, _png(_thumbnail(shown)))
+        writer.write(thumb, encode_png(_thumbnail(shown)))
         sheet.cards.append(_card(row, thumb, mask_rel, overlay_rel))
     table.writerow([image_id, "ok", mask_rel, overlay_rel or "", note])
