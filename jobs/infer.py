@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from unet.cli import run_main
+from unet.cli import add_s3_arguments, apply_s3_arguments, run_main
 from unet.runtime import configure_output, init_ray
 
 _MIB = 1024 * 1024
@@ -95,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a request the cluster cannot hold (switch off on autoscaling clusters)")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this job starts (default: all)")
-    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (sets AWS_ENDPOINT_URL)")
-    p.add_argument("--access-key", default=None, help="S3 access key (sets AWS_ACCESS_KEY_ID)")
-    p.add_argument("--secret-key", default=None, help="S3 secret key (sets AWS_SECRET_ACCESS_KEY)")
-    p.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
+    add_s3_arguments(p)
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own output (Ray Data progress, worker logs, warnings); or set UNET_VERBOSE=1")
     return p
@@ -106,14 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    # Flags override the environment for this process, so the model, input and output (and the
-    # S3 clients pickled to Ray workers) all use the same settings.
-    for flag, var in (("endpoint", "AWS_ENDPOINT_URL"), ("access_key", "AWS_ACCESS_KEY_ID"),
-                      ("secret_key", "AWS_SECRET_ACCESS_KEY"), ("region", "AWS_REGION")):
-        if getattr(args, flag):
-            os.environ[var] = getattr(args, flag)
-            if var == "AWS_ENDPOINT_URL":
-                os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over the flag otherwise
+    apply_s3_arguments(args)
 
     from unet.inference import InferenceConfig, run_inference
 

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from unet.cli import run_main
+from unet.cli import add_s3_arguments, run_main
 
 _SECRET_FLAGS = ("--access-key", "--secret-key")
 
@@ -163,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max Hamming distance between 64-bit pHashes for two images to count as "
                           "near-duplicates (groups are transitive); 10 fits BUSI, see unet/prepare.py")
 
-    s3 = p.add_argument_group("S3 (default: AWS_* environment variables)")
-    s3.add_argument("--endpoint-url", "--endpoint", dest="endpoint", metavar="URL",
-                    help="S3 endpoint, e.g. http://127.0.0.1:8333 (env AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
-    s3.add_argument("--access-key", help="S3 access key id (env AWS_ACCESS_KEY_ID)")
-    s3.add_argument("--secret-key", help="S3 secret key (env AWS_SECRET_ACCESS_KEY); never printed or recorded")
-    s3.add_argument("--region", help="S3 region (env AWS_REGION / AWS_DEFAULT_REGION; default us-east-1)")
+    add_s3_arguments(p)
     p.add_argument("--verbose", action="store_true",
                    help="debug lines too (or set UNET_VERBOSE=1); output is otherwise one progress line "
                         "every ~10 s and the summary")

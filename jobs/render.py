@@ -25,11 +25,10 @@ settings come from the AWS_* environment variables, or ``--endpoint`` / ``--acce
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from unet.cli import run_main
+from unet.cli import add_s3_arguments, apply_s3_arguments, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="read only the first N rows; the contact sheet shows them all "
                         "(default: every row, sheet of the first 100)")
-    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (sets AWS_ENDPOINT_URL)")
-    p.add_argument("--access-key", default=None, help="S3 access key (sets AWS_ACCESS_KEY_ID)")
-    p.add_argument("--secret-key", default=None, help="S3 secret key (sets AWS_SECRET_ACCESS_KEY)")
-    p.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
+    add_s3_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    for flag, var in (("endpoint", "AWS_ENDPOINT_URL"), ("access_key", "AWS_ACCESS_KEY_ID"),
-                      ("secret_key", "AWS_SECRET_ACCESS_KEY"), ("region", "AWS_REGION")):
-        if getattr(args, flag):
-            os.environ[var] = getattr(args, flag)
-            if var == "AWS_ENDPOINT_URL":
-                os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over the flag otherwise
+    apply_s3_arguments(args)
 
     from unet.render import render
 

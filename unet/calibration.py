@@ -51,7 +51,7 @@ from scipy import ndimage
 
 from unet import metrics as M
 from unet.artifact import ALIASES, WEIGHTS_DIR, load_artifact, save_artifact
-from unet.evaluation import predict_probabilities, read_split
+from unet.evaluation import iter_split_batches, predict_probabilities
 from unet.postprocess import CONNECTIVITY  # the components final_mask sees; defined once, there
 from unet.postprocess import final_mask
 from unet.runtime import ProgressLine, UsageError
@@ -104,10 +104,8 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
     ids, classes, truths = [], [], []
     probs: dict[bool, list] = {False: [], True: []}
     lesion: dict[bool, list | None] = {False: [], True: []}
-    batch: list = []
     progress = ProgressLine(log) if log is not None else None
-
-    def flush() -> None:
+    for batch in iter_split_batches(data_uri, split, batch_size):
         for tta, settings in passes.items():
             out = predict_probabilities(model, [s.image for s in batch], settings, device)
             probs[tta] += out.masks
@@ -115,16 +113,8 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
         ids.extend(s.id for s in batch)
         classes.extend(s.cls for s in batch)
         truths.extend(s.mask for s in batch)
-        batch.clear()
         if progress is not None:
             progress.update(f"predicted {len(ids)} images (with and without TTA)")
-
-    for sample in read_split(data_uri, split):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
     if progress is not None:
         progress.done(f"predicted {len(ids)} images (with and without TTA)")
     if not ids:

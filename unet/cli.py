@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from .runtime import UsageError
 
-__all__ = ["EXIT_USAGE", "format_error", "run_main", "user_error"]
+__all__ = ["EXIT_USAGE", "add_s3_arguments", "apply_s3_arguments", "format_error", "run_main", "user_error"]
 
 # Same code argparse uses for bad arguments: "you called it wrong", not "it crashed".
 EXIT_USAGE = 2
@@ -86,3 +86,28 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print(f"{prog or _prog()}: error: {format_error(cause)}", file=sys.stderr)
         return EXIT_USAGE
     return 0 if code is None else int(code)
+
+
+_S3_FLAGS = (("endpoint", "AWS_ENDPOINT_URL"), ("access_key", "AWS_ACCESS_KEY_ID"),
+             ("secret_key", "AWS_SECRET_ACCESS_KEY"), ("region", "AWS_REGION"))
+
+
+def add_s3_arguments(parser) -> None:
+    """``--endpoint``/``--access-key``/``--secret-key``/``--region`` (default: the AWS_* environment)."""
+    group = parser.add_argument_group("S3 (default: AWS_* environment variables)")
+    group.add_argument("--endpoint", "--endpoint-url", dest="endpoint", default=None, metavar="URL",
+                       help="S3 endpoint URL, e.g. http://127.0.0.1:8333 (sets AWS_ENDPOINT_URL)")
+    group.add_argument("--access-key", default=None, help="S3 access key id (sets AWS_ACCESS_KEY_ID)")
+    group.add_argument("--secret-key", default=None,
+                       help="S3 secret key (sets AWS_SECRET_ACCESS_KEY); never printed or recorded")
+    group.add_argument("--region", default=None, help="S3 region (sets AWS_REGION)")
+
+
+def apply_s3_arguments(args) -> None:
+    """Flags win over the environment for this process, so every S3 client it makes (and the file
+    systems pickled to Ray workers) uses the same settings."""
+    for flag, var in _S3_FLAGS:
+        if getattr(args, flag, None):
+            os.environ[var] = getattr(args, flag)
+            if var == "AWS_ENDPOINT_URL":
+                os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over the flag otherwise

@@ -64,6 +64,7 @@ __all__ = [
     "EvaluationResult",
     "Probabilities",
     "evaluate",
+    "iter_split_batches",
     "load_cases",
     "predict_masks",
     "predict_probabilities",
@@ -133,6 +134,18 @@ def read_split(data_uri: str, split: str, *, ids: Iterable[str] | None = None,
                     if wanted is not None and row["id"] not in wanted:
                         continue
                     yield _decode_row(row, shard)
+
+
+def iter_split_batches(data_uri: str, split: str, batch_size: int) -> Iterator[list[Sample]]:
+    """The split's samples (:func:`read_split`) in lists of ``batch_size``; the last may be shorter."""
+    batch: list[Sample] = []
+    for sample in read_split(data_uri, split):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _decode_row(row: dict, shard: str) -> Sample:
@@ -251,10 +264,8 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
     settings = loaded.settings.with_postprocess(**overrides)
     model = loaded.model.to(device).eval()
     records: list[dict] = []
-    batch: list[Sample] = []
     progress = ProgressLine(log) if log is not None else None
-
-    def flush() -> None:
+    for batch in iter_split_batches(data_uri, split, batch_size):
         probs = predict_probabilities(model, [s.image for s in batch], settings, device)
         preds = predict_masks(probs, settings)
         for i, (s, prob, pred) in enumerate(zip(batch, probs.masks, preds, strict=True)):
@@ -262,16 +273,8 @@ def evaluate(loaded: Any, data_uri: str, split: str = "test", *, batch_size: int
                     "malignant_probability": math.nan if probs.malignant is None else float(probs.malignant[i])}
             records.append({"id": s.id, "class": s.cls, **score_image(prob, s.mask, pred), **head,
                             "shard": s.shard, "pred_png": encode_mask_png(pred)})
-        batch.clear()
         if progress is not None:
             progress.update(f"scored {len(records)} images")
-
-    for sample in read_split(data_uri, split):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
     if progress is not None:
         progress.done(f"scored {len(records)} images")
     if not records:
