@@ -813,3 +813,35 @@ def test_s3_input_and_output_exactly_once_and_incremental(ray_local, model_dir, 
     runs = list(storage.iter_files(f"{out}/_runs"))
     assert len(runs) == 2 and os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(runs[0]).decode()
     assert json.loads(storage.read_bytes(runs[0]))["summary"]["model_id"] == df["model_id"].iloc[0]
+
+
+@pytest.mark.slow
+def test_infer_then_render_round_trips_masks_to_files_that_stay_in_their_folder(ray_local, model_dir, tmp_path):
+    """The user's path: masks of a folder and of a Parquet table (whose id column may hold anything)
+    become PNG files of the images' own sizes, named after the ids, and nothing leaves the folder."""
+    from jobs.render import main as render_main
+
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    sizes = {"a.png": (20, 30), "sub/b.jpg": (33, 17)}
+    for name, (h, w) in sizes.items():
+        (folder / name).write_bytes(png(gray(h, w, len(name)), "JPEG" if name.endswith("jpg") else "PNG"))
+    inf.run_inference(config(model_dir, folder, tmp_path / "masks"))
+    assert render_main(["--masks", str(tmp_path / "masks"), "--to", str(tmp_path / "view"),
+                        "--images", str(folder)]) == 0
+    for name, size in {"a.png": sizes["a.png"], "sub/b.png": sizes["sub/b.jpg"]}.items():
+        assert Image.open(tmp_path / "view" / "masks" / name).size == size[::-1], name
+        assert (tmp_path / "view" / "overlays" / name).is_file()
+
+    table = tmp_path / "table.parquet"
+    ids = ["../../escape.png", "/abs/x.png", "ok.png"]
+    pq.write_table(pa.table({"case": ids, "png": [png(gray(12, 14, i)) for i in range(3)]}), table)
+    inf.run_inference(config(model_dir, table, tmp_path / "tmasks", image_column="png", id_column="case"))
+    view = tmp_path / "view2"
+    before = {p for p in tmp_path.rglob("*") if "view2" not in p.parts}
+    assert render_main(["--masks", str(tmp_path / "tmasks"), "--to", str(view)]) == 0
+    after = {p for p in tmp_path.rglob("*") if "view2" not in p.parts}
+    assert after == before, "render wrote outside its folder"
+    masks = sorted(str(p.relative_to(view / "masks")) for p in (view / "masks").rglob("*.png"))
+    assert len(masks) == 3 and "ok.png" in masks and all(".." not in m for m in masks)
+    assert all(Image.open(view / "masks" / m).size == (14, 12) for m in masks)
