@@ -175,9 +175,10 @@ def is_quiet() -> bool:
 
 
 # Ray Data's driver-side chatter: progress bars (a table of operators every few seconds when
-# stdout is not a terminal), the "Starting execution" banner and stats. Quiet jobs print their own
-# progress instead (unet.inference.run).
-_RAY_DATA_QUIET = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False}
+# stdout is not a terminal) and stats. Quiet jobs print their own progress instead
+# (unet.inference.run). The "Starting execution" line stays on: with the console handler at ERROR
+# it reaches only the ray-data log file, from which the benchmarks read their timeline.
+_RAY_DATA_QUIET = {"enable_progress_bars": False, "enable_auto_log_stats": False}
 
 
 def _quiet_ray_data(quiet: bool) -> None:
