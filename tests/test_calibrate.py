@@ -316,3 +316,27 @@ def test_shipped_models_are_never_rewritten_in_place(tmp_path, capsys):
     code = run_main(calibrate_main, ["--model", "busi-unet", "--data", str(tmp_path)], prog="jobs.calibrate")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--out" in err
+
+
+def test_min_area_never_reaches_the_size_of_real_lesions(workspace, tmp_path):
+    """The search tries no minimum area above half the smallest lesion of the train split (val
+    alone holds too few small lesions to show what a large one costs); without a train split the
+    whole grid is searched."""
+    import shutil
+
+    from unet.calibration import MIN_AREAS, min_area_limit
+
+    assert min_area_limit(workspace["data"]) == max(MIN_AREAS)             # no train split here
+    data = tmp_path / "prepared"
+    shutil.copytree(workspace["data"], data)
+    shutil.copytree(data / "val", data / "train")
+    table = pq.read_table(data / "train" / "part-00000.parquet").to_pylist()
+    small = np.zeros((40, 50), np.uint8)
+    small[10:13, 10:13] = 255                                               # 9 of 2000 pixels: 0.45 %
+    table[0] |= {"mask_png": _png(small), "height": 40, "width": 50,
+                 "image_png": _png(np.full((40, 50), 128, np.uint8)), "class": "benign"}
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(data / "train" / "part-00000.parquet")),
+                   data / "train" / "part-00000.parquet")
+    assert min_area_limit(str(data)) == pytest.approx(9 / 2000 / 2)
+    result = calibrate(load_artifact(workspace["informative"]), str(data), "val", max_false_lesion_rate=0.0)
+    assert set(result.table["min_area"]) == {a for a in MIN_AREAS if a <= 9 / 2000 / 2} == {0.0, 0.0005, 0.001, 0.002}
