@@ -26,7 +26,7 @@ Files matching ``exclude`` globs, and the output folder itself when it lies insi
 are not inputs.
 
 What happens to a pixel: decode with PIL, apply EXIF orientation, convert to 8-bit grey (see
-:func:`to_gray_uint8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
+:func:`unet.codec.to_grey8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
 ``input_size`` and normalise as its config says (:mod:`unet.transforms`), run the model
 (:meth:`unet.models.SegmentationModel.predict_proba`: sigmoid, and softmax of the image head if
 the model has one; averaged with the horizontal flip when ``tta``), resize the probability back to
@@ -80,7 +80,7 @@ named after the archive), a null image or id in a Parquet row. Only one job may 
 folder at a time.
 """
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, to_gray_uint8
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from .model import Predictor, mask_statistics, postprocess_probability
 from .output import OUTPUT_SCHEMA
 from .plan import IMAGE_SUFFIXES, PARQUET_SUFFIXES, TAR_SUFFIXES
@@ -102,5 +102,4 @@ __all__ = [
     "mask_statistics",
     "postprocess_probability",
     "run_inference",
-    "to_gray_uint8",
 ]

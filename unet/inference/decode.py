@@ -23,9 +23,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..codec import image_pixels
-from ..codec import to_grey8 as to_gray_uint8  # the public name here since before unet.codec
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_image", "describe_error", "to_gray_uint8"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_image", "describe_error"]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 7000 x 7000 image; ultrasound frames are < 1 MP
 
