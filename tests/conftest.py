@@ -31,3 +31,16 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def seeded_one_thread():
+    """Seed 0 and one intra-op thread: tiny tensors gain nothing from threads, and on a shared 2-CPU
+    machine the thread pools of parallel test runs oversubscribe it (measured: 4x slower)."""
+    import torch  # here: the other tests' processes need not import it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

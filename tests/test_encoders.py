@@ -21,14 +21,7 @@ HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")  # the checkpoint's classifier,
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Small tensors gain nothing from intra-op threads on a shared 2-CPU machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,7 @@ TINY = (4, 8, 16)  # two poolings: pads to multiples of 4, fast on CPU
 DEFAULT_PARAMETERS = {"unet": 1_942_289, "attention_unet": 2_007_813, "unet_plus_plus": 2_263_425}
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared 2-CPU machine the
-    # thread pools of parallel test runs oversubscribe it (measured: 4x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -25,6 +25,7 @@ from torch import nn
 from unet import faults
 from unet.metrics import MetricAccumulator, auroc, scores_from_counts
 from unet.models import build_model
+from unet.postprocess import image_probabilities
 from unet.shards import CLASSES
 
 from .checkpoints import load_checkpoint_state, write_checkpoint
@@ -93,12 +94,6 @@ def class_targets(classes: Sequence[str], ids: Sequence[str], device: torch.devi
                          f"{CLASSES}") from None
 
 
-def lesion_probabilities(class_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p(lesion) = 1 - p(normal), p(malignant))`` per image from the image head's logits."""
-    p = torch.softmax(class_logits.float(), dim=1)
-    return 1.0 - p[:, CLASSES.index("normal")], p[:, CLASSES.index("malignant")]
-
-
 def new_accumulators() -> dict[str, MetricAccumulator]:
     """One accumulator for all images and one per class."""
     return {"overall": MetricAccumulator(), **{c: MetricAccumulator() for c in CLASSES}}
@@ -125,8 +120,10 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
         classes = np.asarray(batch["class"], dtype=object)
         if images is not None:
             dice = scores_from_counts(c[:, 0], c[:, 1], c[:, 2])["dice"]
-            lesion = (lesion_probabilities(class_logits)[0].cpu().numpy() if class_logits is not None
-                      else np.full(len(classes), np.nan))
+            lesion = image_probabilities(None if class_logits is None else
+                                         torch.softmax(class_logits.float(), dim=1).cpu().numpy())[0]
+            if lesion is None:
+                lesion = np.full(len(classes), np.nan)
             images.extend(zip(classes.tolist(), dice.tolist(), (c[:, 0] + c[:, 1] > 0).tolist(),
                               lesion.tolist(), strict=True))
         for cls in np.unique(classes):
