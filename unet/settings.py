@@ -53,10 +53,10 @@ def check_threshold(value, where: str) -> float:
 
 
 def check_architecture(value, where: str) -> str:
-    from .models import MODELS  # here, not at the top: inference's torch-free steps import this module
+    from .models import ARCHITECTURES  # here, not at the top: inference's torch-free steps import this module
 
-    if value not in MODELS:
-        raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(MODELS))}")
+    if value not in ARCHITECTURES:
+        raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
     return value
 
 

@@ -14,14 +14,20 @@ Example:
 from __future__ import annotations
 
 import inspect
+from collections import ChainMap
+
+import torch
 
 from .attention_unet import AttentionGate, AttentionUNet
 from .base import DEFAULT_CHANNELS, SegmentationModel, count_parameters, fuse_conv_bn
+from .ensemble import Ensemble
 from .unet import UNet
 from .unet_plus_plus import UNetPlusPlus
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_CHANNELS",
+    "Ensemble",
     "MODELS",
     "AttentionGate",
     "AttentionUNet",
@@ -33,13 +39,17 @@ __all__ = [
     "fuse_conv_bn",
 ]
 
+# The architectures jobs.train trains; ARCHITECTURES adds what an artifact may also hold.
 MODELS: dict[str, type[SegmentationModel]] = {
     cls.architecture: cls for cls in (UNet, AttentionUNet, UNetPlusPlus)
 }
+# (a live view: an architecture registered in MODELS is in it too).
+ARCHITECTURES: ChainMap[str, type[torch.nn.Module]] = ChainMap(MODELS, {Ensemble.architecture: Ensemble})
 
 
 def build_model(name: str, **kwargs) -> SegmentationModel:
-    """Build a model by registry name (``"unet"``, ``"attention_unet"``, ``"unet_plus_plus"``).
+    """Build a model by registry name (``"unet"``, ``"attention_unet"``, ``"unet_plus_plus"``, or
+    ``"ensemble"`` of trained members, see :class:`Ensemble`).
 
     Raises:
         KeyError: unknown name; the message lists the valid names.
@@ -47,9 +57,9 @@ def build_model(name: str, **kwargs) -> SegmentationModel:
         ValueError: a bad argument value; the message names the argument and the fix.
     """
     try:
-        cls = MODELS[name]
+        cls = ARCHITECTURES[name]
     except (KeyError, TypeError) as e:
-        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}") from e
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(sorted(ARCHITECTURES))}") from e
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_CHANNELS", "NORMS", "PAD_MODES", "SegmentationModel", "count_parameters", "fuse_conv_bn"]
+__all__ = ["DEFAULT_CHANNELS", "NORMS", "PAD_MODES", "Predicts", "SegmentationModel", "count_parameters", "fuse_conv_bn"]
 
 # The seed model's filters: 16 -> 256 over 5 levels, i.e. 4 poolings.
 DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -83,7 +83,46 @@ def _check_choice(name: str, value, choices) -> str:
     return value
 
 
-class SegmentationModel(nn.Module):
+class Predicts:
+    """``predict``/``predict_all``/``predict_proba`` for a module whose ``forward`` returns mask
+    logits (a list of heads for deep supervision) or the pair ``(mask logits, class logits)``:
+    shared by :class:`SegmentationModel` and :class:`unet.models.ensemble.Ensemble`."""
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The final logits ``(B, out_channels, H, W)`` for ``x``, computed without grad.
+
+        ``forward`` may return a list of heads (UNet++ deep supervision in training mode, ordered
+        shallowest first, every one at input resolution); the model's final output is the last
+        one, and this is the one place that knows it. The model's mode is left as it is (call
+        ``eval()`` for inference: dropout off, BatchNorm running statistics).
+        """
+        return self.predict_all(x)[0]
+
+    @torch.no_grad()
+    def predict_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(final mask logits, image class logits or None)`` for ``x``, without grad."""
+        out = self(x)
+        masks, classes = out if isinstance(out, tuple) else (out, None)
+        return (masks[-1] if isinstance(masks, list) else masks), classes
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(foreground probabilities (B, out_channels, H, W), image class probabilities (B, K) or
+        None)`` in float32; with ``tta`` each is the mean over ``x`` and its horizontal flip (the
+        probe is at the top, so only left-right flips are realistic)."""
+        logits, classes = self.predict_all(x)
+        prob = torch.sigmoid(logits.float())
+        class_prob = None if classes is None else torch.softmax(classes.float(), dim=1)
+        if tta:
+            flipped_logits, flipped_classes = self.predict_all(x.flip(-1))
+            prob = (prob + torch.sigmoid(flipped_logits.float()).flip(-1)) / 2
+            if class_prob is not None:
+                class_prob = (class_prob + torch.softmax(flipped_classes.float(), dim=1)) / 2
+        return prob, class_prob
+
+
+class SegmentationModel(Predicts, nn.Module):
     """Base class of the UNet family: checks the shared arguments, pads/crops in ``forward``.
 
     Subclasses set ``architecture`` (their registry name), build their layers after calling
@@ -192,39 +231,6 @@ class SegmentationModel(nn.Module):
         else:
             masks = masks[..., top : top + height, left : left + width]
         return masks if classes is None else (masks, classes)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The final logits ``(B, out_channels, H, W)`` for ``x``, computed without grad.
-
-        ``forward`` may return a list of heads (UNet++ deep supervision in training mode, ordered
-        shallowest first, every one at input resolution); the model's final output is the last
-        one, and this is the one place that knows it. The model's mode is left as it is (call
-        ``eval()`` for inference: dropout off, BatchNorm running statistics).
-        """
-        return self.predict_all(x)[0]
-
-    @torch.no_grad()
-    def predict_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(final mask logits, image class logits or None)`` for ``x``, without grad."""
-        out = self(x)
-        masks, classes = out if isinstance(out, tuple) else (out, None)
-        return (masks[-1] if isinstance(masks, list) else masks), classes
-
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(foreground probabilities (B, out_channels, H, W), image class probabilities (B, K) or
-        None)`` in float32; with ``tta`` each is the mean over ``x`` and its horizontal flip (the
-        probe is at the top, so only left-right flips are realistic)."""
-        logits, classes = self.predict_all(x)
-        prob = torch.sigmoid(logits.float())
-        class_prob = None if classes is None else torch.softmax(classes.float(), dim=1)
-        if tta:
-            flipped_logits, flipped_classes = self.predict_all(x.flip(-1))
-            prob = (prob + torch.sigmoid(flipped_logits.float()).flip(-1)) / 2
-            if class_prob is not None:
-                class_prob = (class_prob + torch.softmax(flipped_classes.float(), dim=1)) / 2
-        return prob, class_prob
 
     def forward_padded(self, x: torch.Tensor):
         """Logits for ``x`` whose height and width are multiples of ``2 ** depth`` (and the image

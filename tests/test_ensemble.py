@@ -1,0 +1,100 @@
+"""Ensembles (unet.models.ensemble, jobs.ensemble): the members' probabilities averaged exactly,
+members at other input sizes resized, one artifact that loads and predicts like any other."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jobs import ensemble as ensemble_job
+from unet.artifact import load_artifact, save_artifact
+from unet.cli import run_main
+from unet.evaluation import predict_probabilities
+from unet.models import build_model
+from unet.models.ensemble import Ensemble, ensemble_of
+
+
+def _member(seed: int, image_classes: int = 3, **kw):
+    torch.manual_seed(seed)
+    return build_model("unet", channels=[4, 8, 16], dropout=0.0, image_classes=image_classes, **kw).eval()
+
+
+def _save(model, path, size, mean=0.5, std=0.25):
+    return save_artifact(model, path, input_size=size, normalization={"mean": mean, "std": std},
+                         name=f"m{path.name}", provenance={"note": path.name})
+
+
+@pytest.mark.parametrize("classes", [3, 0])
+def test_probabilities_are_the_members_mean(classes):
+    members = [_member(i, classes) for i in range(3)]
+    spec = {"architecture": "unet", "model_kwargs": members[0].model_kwargs(), "input_size": [40, 40]}
+    model = Ensemble([spec] * 3, [40, 40]).eval()
+    for mine, theirs in zip(model.members, members):
+        mine.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 1, 40, 56)
+    for tta in (False, True):
+        prob, class_prob = model.predict_proba(x, tta=tta)
+        expected = [m.predict_proba(x, tta=tta) for m in members]
+        torch.testing.assert_close(prob, torch.stack([p for p, _ in expected]).mean(0), atol=1e-6, rtol=0)
+        if classes:
+            torch.testing.assert_close(class_prob, torch.stack([c for _, c in expected]).mean(0), atol=1e-6, rtol=0)
+            assert torch.allclose(class_prob.sum(1), torch.ones(2))
+        else:
+            assert class_prob is None
+
+
+def test_a_member_trained_at_another_size_sees_its_own_size():
+    small, big = _member(0), _member(1)
+    model = Ensemble([{"architecture": "unet", "model_kwargs": small.model_kwargs(), "input_size": [32, 32]},
+                      {"architecture": "unet", "model_kwargs": big.model_kwargs(), "input_size": [64, 64]}],
+                     [64, 64]).eval()
+    model.members[0].load_state_dict(small.state_dict())
+    model.members[1].load_state_dict(big.state_dict())
+    x = torch.randn(1, 1, 64, 64)
+    seen = {}
+    model.members[0].register_forward_hook(lambda m, args, out: seen.update(small=args[0].shape))
+    prob, _ = model.predict_proba(x)
+    assert seen["small"] == (1, 1, 32, 32)
+    p_small = F.interpolate(small.predict_proba(F.interpolate(x, size=(32, 32), mode="bilinear"))[0],
+                            size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(prob, (p_small + big.predict_proba(x)[0]) / 2, atol=1e-6, rtol=0)
+
+
+def test_the_job_writes_one_artifact_that_predicts_like_its_members(tmp_path, capsys):
+    a = _save(_member(0), tmp_path / "a", (32, 32))
+    b = _save(_member(1), tmp_path / "b", (48, 48))
+    out = tmp_path / "ens"
+    assert ensemble_job.main(["--models", a, b, "--out", str(out), "--name", "pair"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    loaded = load_artifact(out)
+    config = json.loads((out / "config.json").read_text())
+    members = [load_artifact(a), load_artifact(b)]
+    assert loaded.settings.architecture == "ensemble" and loaded.settings.input_size == (48, 48)
+    assert loaded.model_id.startswith("pair-")
+    assert [m["model_id"] for m in config["provenance"]["members"]] == [m.model_id for m in members]
+    assert config["provenance"]["members"][0]["provenance"] == {"note": "a"}
+    # The loaded artifact is exactly ensemble_of(the members), through the pipeline evaluation uses.
+    images = [np.random.default_rng(i).integers(0, 256, (50 + 7 * i, 61), dtype=np.uint8) for i in range(3)]
+    got = predict_probabilities(loaded.model, images, loaded.settings)
+    want = predict_probabilities(ensemble_of(members), images, loaded.settings)
+    for g, w in zip(got.masks, want.masks):
+        assert g.shape == w.shape and np.allclose(g, w, atol=1e-6)
+    assert np.allclose(got.lesion, want.lesion, atol=1e-6)
+
+
+def test_bad_ensembles_are_refused_in_one_line(tmp_path, capsys):
+    a = _save(_member(0), tmp_path / "a", (32, 32))
+    b = _save(_member(1), tmp_path / "b", (32, 32), mean=0.4)
+    for argv, message in (([a], "at least 2"), ([a, b], "share one input normalisation"),
+                          ([a, str(tmp_path / "missing")], "does not exist")):
+        assert run_main(ensemble_job.main, ["--models", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    with pytest.raises(ValueError, match="disagree on image_classes"):
+        Ensemble([{"architecture": "unet", "model_kwargs": {"channels": [4, 8]}, "input_size": [32, 32]},
+                  {"architecture": "unet", "model_kwargs": {"channels": [4, 8], "image_classes": 3},
+                   "input_size": [32, 32]}], [32, 32])

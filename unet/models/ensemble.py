@@ -1,0 +1,133 @@
+"""An ensemble of trained models that averages their probabilities (nnU-Net's fold ensemble).
+
+Each member is any architecture of the registry, rebuilt from its artifact's ``architecture``,
+``model_kwargs`` and ``input_size``; the ensemble is saved and loaded as one artifact
+(architecture ``"ensemble"``, every member's weights under ``members.<i>.``), so inference,
+evaluation, calibration and export treat it like any other model. ``forward`` returns
+``(logit(mean foreground probability), log(mean class probability))``, so ``predict_proba`` gives
+exactly the members' mean probabilities. Members trained at another input size than the
+ensemble's see the input resized to their own (bilinear) and their probabilities resized back.
+
+Example:
+    >>> import torch
+    >>> from unet.models import build_model
+    >>> member = {"architecture": "unet", "model_kwargs": {"channels": [4, 8]}, "input_size": [32, 32]}
+    >>> model = build_model("ensemble", members=[member, member], input_size=[32, 32]).eval()
+    >>> prob, classes = model.predict_proba(torch.rand(2, 1, 32, 32))
+    >>> prob.shape, classes
+    (torch.Size([2, 1, 32, 32]), None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Predicts
+
+__all__ = ["Ensemble", "ensemble_of"]
+
+EPS = 1e-6  # probabilities are clamped to [EPS, 1 - EPS] before the logit
+
+
+class Ensemble(Predicts, nn.Module):
+    """Members' probabilities averaged.
+
+    Args:
+        members: one mapping per member: ``architecture`` and ``model_kwargs`` (as in its
+            artifact's config.json) and the ``input_size`` [h, w] it was trained at.
+        input_size: the ensemble's input size [h, w] (the artifact's; inference resizes to it).
+
+    Raises:
+        ValueError: fewer than 2 members, or members that disagree on input/output channels or
+            on the image head's classes.
+    """
+
+    architecture = "ensemble"
+
+    def __init__(self, members: Sequence[dict], input_size: Sequence[int]) -> None:
+        super().__init__()
+        from . import build_model
+
+        if isinstance(members, (str, bytes)) or not isinstance(members, Sequence) or len(members) < 2:
+            raise ValueError(f"an ensemble needs a list of at least 2 members; got {members!r}")
+        built = []
+        for i, m in enumerate(members):
+            if not isinstance(m, dict) or set(m) != {"architecture", "model_kwargs", "input_size"}:
+                raise ValueError(f"ensemble member {i} must be a mapping of architecture, model_kwargs and "
+                                 f"input_size; got {m!r}")
+            if m["architecture"] == self.architecture:
+                raise ValueError(f"ensemble member {i}: ensembles do not nest")
+            built.append(build_model(m["architecture"], **m["model_kwargs"]))
+        for name in ("in_channels", "out_channels", "image_classes"):
+            values = {getattr(b, name) for b in built}
+            if len(values) > 1:
+                raise ValueError(f"ensemble members disagree on {name}: {sorted(values)}")
+        self.members = nn.ModuleList(built)
+        self.member_specs = [{"architecture": m["architecture"], "model_kwargs": dict(m["model_kwargs"]),
+                              "input_size": [int(v) for v in m["input_size"]]} for m in members]
+        self.input_size = tuple(int(v) for v in input_size)
+        self.in_channels = built[0].in_channels
+        self.out_channels = built[0].out_channels
+        self.image_classes = built[0].image_classes
+
+    @property
+    def input_normalization(self) -> dict[str, float]:
+        """The members' normalisation (they must share one; checked when the ensemble is made)."""
+        return self.members[0].input_normalization
+
+    def model_kwargs(self) -> dict:
+        return {"members": [dict(m) for m in self.member_specs], "input_size": list(self.input_size)}
+
+    def forward(self, x: torch.Tensor):
+        """``logit(mean p)`` (B, out_channels, H, W), and ``log(mean class p)`` (B, K) with a head."""
+        height, width = x.shape[-2:]
+        probs, class_probs = [], []
+        for member, spec in zip(self.members, self.member_specs, strict=True):
+            size = [max(1, round(d * m / e)) for d, m, e in zip((height, width), spec["input_size"], self.input_size)]
+            xi = x if size == [height, width] else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            logits, classes = _split(member(xi))
+            p = torch.sigmoid(logits.float())
+            if size != [height, width]:
+                p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
+            probs.append(p)
+            if classes is not None:
+                class_probs.append(torch.softmax(classes.float(), dim=1))
+        mean = torch.stack(probs).mean(0).clamp(EPS, 1 - EPS)
+        logits = torch.log(mean) - torch.log1p(-mean)
+        if not class_probs:
+            return logits
+        return logits, torch.log(torch.stack(class_probs).mean(0))
+
+
+def _split(out):
+    """(final mask logits, class logits or None) of a member's forward output."""
+    masks, classes = out if isinstance(out, tuple) else (out, None)
+    return (masks[-1] if isinstance(masks, list) else masks), classes
+
+
+def ensemble_of(loaded: Sequence, input_size: Sequence[int] | None = None) -> Ensemble:
+    """An :class:`Ensemble` of loaded artifacts (:class:`unet.artifact.LoadedModel`), with their
+    weights, in eval mode. ``input_size`` defaults to the largest member's.
+
+    Raises:
+        ValueError: fewer than 2 models, or models with different input normalisations (one
+            normalised input feeds every member).
+    """
+    if len(loaded) < 2:
+        raise ValueError(f"an ensemble needs at least 2 models; got {len(loaded)}")
+    norms = {(m.settings.mean, m.settings.std) for m in loaded}
+    if len(norms) > 1:
+        raise ValueError("ensemble members must share one input normalisation; got "
+                         + ", ".join(f"{m.model_id}: mean {m.settings.mean:g}, std {m.settings.std:g}" for m in loaded))
+    if input_size is None:
+        input_size = max((m.settings.input_size for m in loaded), key=lambda s: s[0] * s[1])
+    specs = [{"architecture": m.settings.architecture, "model_kwargs": m.config["model_kwargs"],
+              "input_size": list(m.settings.input_size)} for m in loaded]
+    model = Ensemble(specs, input_size)
+    for member, m in zip(model.members, loaded, strict=True):
+        member.load_state_dict(m.model.state_dict())
+    return model.eval()
