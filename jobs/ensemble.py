@@ -5,7 +5,8 @@
 
 Each ``--models`` entry is a pretrained name, a local artifact directory or an s3:// URI. The
 ensemble (``unet.models.ensemble``) averages the members' foreground probabilities and image-class
-probabilities; members trained at another input size see the input resized to their own. The
+probabilities (over the members with an image head); members trained at another input size or
+normalisation see the input resized and re-normalised to their own. The
 artifact holds every member's weights and, in its provenance, each member's model id and
 provenance; its post-processing starts plain (threshold 0.5, no gate): choose it on val with
 ``jobs.calibrate``. Inference costs the sum of the members'. The last line printed is the
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     members = [{"model": ref, "model_id": m.model_id, "input_size": list(m.settings.input_size),
                 "provenance": m.config.get("provenance", {})} for ref, m in zip(args.models, loaded, strict=True)]
     written = save_artifact(model, args.out, input_size=model.input_size, 
-                            normalization={"mean": loaded[0].settings.mean, "std": loaded[0].settings.std},
+                            normalization=model.input_normalization,
                             name=args.name, weights_dtype=args.weights_dtype,
                             provenance={"command": shlex.join(["python", "-m", "jobs.ensemble", *argv]),
                                         "members": members})

@@ -18,6 +18,9 @@ from unet.models import build_model
 from unet.models.ensemble import Ensemble, ensemble_of
 
 
+NORM = {"mean": 0.5, "std": 0.25}
+
+
 def _member(seed: int, image_classes: int = 3, **kw):
     torch.manual_seed(seed)
     return build_model("unet", channels=[4, 8, 16], dropout=0.0, image_classes=image_classes, **kw).eval()
@@ -31,8 +34,9 @@ def _save(model, path, size, mean=0.5, std=0.25):
 @pytest.mark.parametrize("classes", [3, 0])
 def test_probabilities_are_the_members_mean(classes):
     members = [_member(i, classes) for i in range(3)]
-    spec = {"architecture": "unet", "model_kwargs": members[0].model_kwargs(), "input_size": [40, 40]}
-    model = Ensemble([spec] * 3, [40, 40]).eval()
+    spec = {"architecture": "unet", "model_kwargs": members[0].model_kwargs(), "input_size": [40, 40],
+            "normalization": NORM}
+    model = Ensemble([spec] * 3, [40, 40], NORM).eval()
     for mine, theirs in zip(model.members, members):
         mine.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 1, 40, 56)
@@ -49,9 +53,10 @@ def test_probabilities_are_the_members_mean(classes):
 
 def test_a_member_trained_at_another_size_sees_its_own_size():
     small, big = _member(0), _member(1)
-    model = Ensemble([{"architecture": "unet", "model_kwargs": small.model_kwargs(), "input_size": [32, 32]},
-                      {"architecture": "unet", "model_kwargs": big.model_kwargs(), "input_size": [64, 64]}],
-                     [64, 64]).eval()
+    model = Ensemble([{"architecture": "unet", "model_kwargs": small.model_kwargs(), "input_size": [32, 32],
+                       "normalization": NORM},
+                      {"architecture": "unet", "model_kwargs": big.model_kwargs(), "input_size": [64, 64],
+                       "normalization": NORM}], [64, 64], NORM).eval()
     model.members[0].load_state_dict(small.state_dict())
     model.members[1].load_state_dict(big.state_dict())
     x = torch.randn(1, 1, 64, 64)
@@ -86,15 +91,30 @@ def test_the_job_writes_one_artifact_that_predicts_like_its_members(tmp_path, ca
     assert np.allclose(got.lesion, want.lesion, atol=1e-6)
 
 
+def test_members_with_their_own_normalisation_and_without_a_head(tmp_path):
+    """A head-less member (e.g. the classic busi-unet) with another normalisation joins an ensemble
+    of headed ones: it sees its own normalisation, adds to the masks and not to the classes."""
+    plain, headed = _member(0, image_classes=0), _member(1)
+    a = _save(plain, tmp_path / "a", (32, 32), mean=0.2, std=0.3)
+    b = _save(headed, tmp_path / "b", (32, 32))
+    model = ensemble_of([load_artifact(b), load_artifact(a)])
+    assert model.input_normalization == {"mean": 0.5, "std": 0.25} and model.image_classes == 3
+    raw = torch.rand(2, 1, 32, 32)
+    prob, class_prob = model.predict_proba((raw - 0.5) / 0.25)
+    p_headed, c_headed = headed.predict_proba((raw - 0.5) / 0.25)
+    p_plain, _ = plain.predict_proba((raw - 0.2) / 0.3)
+    torch.testing.assert_close(prob, (p_headed + p_plain) / 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(class_prob, c_headed, atol=1e-5, rtol=0)
+
+
 def test_bad_ensembles_are_refused_in_one_line(tmp_path, capsys):
     a = _save(_member(0), tmp_path / "a", (32, 32))
-    b = _save(_member(1), tmp_path / "b", (32, 32), mean=0.4)
-    for argv, message in (([a], "at least 2"), ([a, b], "share one input normalisation"),
+    b = _save(_member(1, image_classes=2), tmp_path / "b", (32, 32))
+    for argv, message in (([a], "at least 2"), ([a, b], "disagree on image_classes"),
                           ([a, str(tmp_path / "missing")], "does not exist")):
         assert run_main(ensemble_job.main, ["--models", *argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-    with pytest.raises(ValueError, match="disagree on image_classes"):
-        Ensemble([{"architecture": "unet", "model_kwargs": {"channels": [4, 8]}, "input_size": [32, 32]},
-                  {"architecture": "unet", "model_kwargs": {"channels": [4, 8], "image_classes": 3},
-                   "input_size": [32, 32]}], [32, 32])
+    with pytest.raises(ValueError, match="ensembles do not nest"):
+        Ensemble([{"architecture": "ensemble", "model_kwargs": {}, "input_size": [32, 32], "normalization": NORM}] * 2,
+                 [32, 32], NORM)

@@ -1,18 +1,23 @@
 """An ensemble of trained models that averages their probabilities (nnU-Net's fold ensemble).
 
 Each member is any architecture of the registry, rebuilt from its artifact's ``architecture``,
-``model_kwargs`` and ``input_size``; the ensemble is saved and loaded as one artifact
+``model_kwargs``, ``input_size`` and ``normalization``; the ensemble is saved and loaded as one artifact
 (architecture ``"ensemble"``, every member's weights under ``members.<i>.``), so inference,
 evaluation, calibration and export treat it like any other model. ``forward`` returns
 ``(logit(mean foreground probability), log(mean class probability))``, so ``predict_proba`` gives
 exactly the members' mean probabilities. Members trained at another input size than the
-ensemble's see the input resized to their own (bilinear) and their probabilities resized back.
+ensemble's see the input resized to their own (bilinear) and their probabilities resized back;
+members trained with another normalisation see the input re-normalised to theirs. The class
+probabilities are the mean over the members that have an image head (they must agree on its
+classes); members without one contribute to the masks only.
 
 Example:
     >>> import torch
     >>> from unet.models import build_model
-    >>> member = {"architecture": "unet", "model_kwargs": {"channels": [4, 8]}, "input_size": [32, 32]}
-    >>> model = build_model("ensemble", members=[member, member], input_size=[32, 32]).eval()
+    >>> member = {"architecture": "unet", "model_kwargs": {"channels": [4, 8]}, "input_size": [32, 32],
+    ...           "normalization": {"mean": 0.5, "std": 0.25}}
+    >>> model = build_model("ensemble", members=[member, member], input_size=[32, 32],
+    ...                     normalization={"mean": 0.5, "std": 0.25}).eval()
     >>> prob, classes = model.predict_proba(torch.rand(2, 1, 32, 32))
     >>> prob.shape, classes
     (torch.Size([2, 1, 32, 32]), None)
@@ -38,8 +43,10 @@ class Ensemble(Predicts, nn.Module):
 
     Args:
         members: one mapping per member: ``architecture`` and ``model_kwargs`` (as in its
-            artifact's config.json) and the ``input_size`` [h, w] it was trained at.
+            artifact's config.json), the ``input_size`` [h, w] it was trained at and its
+            ``normalization`` {"mean", "std"}.
         input_size: the ensemble's input size [h, w] (the artifact's; inference resizes to it).
+        normalization: the ensemble's input normalisation {"mean", "std"} (the artifact's).
 
     Raises:
         ValueError: fewer than 2 members, or members that disagree on input/output channels or
@@ -48,7 +55,7 @@ class Ensemble(Predicts, nn.Module):
 
     architecture = "ensemble"
 
-    def __init__(self, members: Sequence[dict], input_size: Sequence[int]) -> None:
+    def __init__(self, members: Sequence[dict], input_size: Sequence[int], normalization: dict) -> None:
         super().__init__()
         from . import build_model
 
@@ -56,31 +63,35 @@ class Ensemble(Predicts, nn.Module):
             raise ValueError(f"an ensemble needs a list of at least 2 members; got {members!r}")
         built = []
         for i, m in enumerate(members):
-            if not isinstance(m, dict) or set(m) != {"architecture", "model_kwargs", "input_size"}:
-                raise ValueError(f"ensemble member {i} must be a mapping of architecture, model_kwargs and "
-                                 f"input_size; got {m!r}")
+            if not isinstance(m, dict) or set(m) != {"architecture", "model_kwargs", "input_size", "normalization"}:
+                raise ValueError(f"ensemble member {i} must be a mapping of architecture, model_kwargs, "
+                                 f"input_size and normalization; got {m!r}")
             if m["architecture"] == self.architecture:
                 raise ValueError(f"ensemble member {i}: ensembles do not nest")
             built.append(build_model(m["architecture"], **m["model_kwargs"]))
         for name in ("in_channels", "out_channels", "image_classes"):
-            values = {getattr(b, name) for b in built}
+            values = {getattr(b, name) for b in built} - ({0} if name == "image_classes" else set())
             if len(values) > 1:
                 raise ValueError(f"ensemble members disagree on {name}: {sorted(values)}")
         self.members = nn.ModuleList(built)
         self.member_specs = [{"architecture": m["architecture"], "model_kwargs": dict(m["model_kwargs"]),
-                              "input_size": [int(v) for v in m["input_size"]]} for m in members]
+                              "input_size": [int(v) for v in m["input_size"]],
+                              "normalization": {k: float(m["normalization"][k]) for k in ("mean", "std")}}
+                             for m in members]
         self.input_size = tuple(int(v) for v in input_size)
+        self.normalization = {k: float(normalization[k]) for k in ("mean", "std")}
         self.in_channels = built[0].in_channels
         self.out_channels = built[0].out_channels
-        self.image_classes = built[0].image_classes
+        self.image_classes = max(b.image_classes for b in built)
 
     @property
     def input_normalization(self) -> dict[str, float]:
-        """The members' normalisation (they must share one; checked when the ensemble is made)."""
-        return self.members[0].input_normalization
+        """The normalisation of the ensemble's input (each member re-normalises it to its own)."""
+        return dict(self.normalization)
 
     def model_kwargs(self) -> dict:
-        return {"members": [dict(m) for m in self.member_specs], "input_size": list(self.input_size)}
+        return {"members": [dict(m) for m in self.member_specs], "input_size": list(self.input_size),
+                "normalization": self.input_normalization}
 
     def forward(self, x: torch.Tensor):
         """``logit(mean p)`` (B, out_channels, H, W), and ``log(mean class p)`` (B, K) with a head."""
@@ -89,6 +100,9 @@ class Ensemble(Predicts, nn.Module):
         for member, spec in zip(self.members, self.member_specs, strict=True):
             size = [max(1, round(d * m / e)) for d, m, e in zip((height, width), spec["input_size"], self.input_size)]
             xi = x if size == [height, width] else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            mean, std = spec["normalization"]["mean"], spec["normalization"]["std"]
+            if (mean, std) != (self.normalization["mean"], self.normalization["std"]):
+                xi = (xi * self.normalization["std"] + self.normalization["mean"] - mean) / std
             logits, classes = _split(member(xi))
             p = torch.sigmoid(logits.float())
             if size != [height, width]:
@@ -111,23 +125,20 @@ def _split(out):
 
 def ensemble_of(loaded: Sequence, input_size: Sequence[int] | None = None) -> Ensemble:
     """An :class:`Ensemble` of loaded artifacts (:class:`unet.artifact.LoadedModel`), with their
-    weights, in eval mode. ``input_size`` defaults to the largest member's.
+    weights, in eval mode. ``input_size`` defaults to the largest member's, the input
+    normalisation is the first member's.
 
     Raises:
-        ValueError: fewer than 2 models, or models with different input normalisations (one
-            normalised input feeds every member).
+        ValueError: fewer than 2 models, or models that cannot be combined (see :class:`Ensemble`).
     """
     if len(loaded) < 2:
         raise ValueError(f"an ensemble needs at least 2 models; got {len(loaded)}")
-    norms = {(m.settings.mean, m.settings.std) for m in loaded}
-    if len(norms) > 1:
-        raise ValueError("ensemble members must share one input normalisation; got "
-                         + ", ".join(f"{m.model_id}: mean {m.settings.mean:g}, std {m.settings.std:g}" for m in loaded))
     if input_size is None:
         input_size = max((m.settings.input_size for m in loaded), key=lambda s: s[0] * s[1])
     specs = [{"architecture": m.settings.architecture, "model_kwargs": m.config["model_kwargs"],
-              "input_size": list(m.settings.input_size)} for m in loaded]
-    model = Ensemble(specs, input_size)
+              "input_size": list(m.settings.input_size),
+              "normalization": {"mean": m.settings.mean, "std": m.settings.std}} for m in loaded]
+    model = Ensemble(specs, input_size, specs[0]["normalization"])
     for member, m in zip(model.members, loaded, strict=True):
         member.load_state_dict(m.model.state_dict())
     return model.eval()
