@@ -64,7 +64,7 @@ def test_a_member_trained_at_another_size_sees_its_own_size():
     model.members[0].register_forward_hook(lambda m, args, out: seen.update(small=args[0].shape))
     prob, _ = model.predict_proba(x)
     assert seen["small"] == (1, 1, 32, 32)
-    p_small = F.interpolate(small.predict_proba(F.interpolate(x, size=(32, 32), mode="bilinear"))[0],
+    p_small = F.interpolate(small.predict_proba(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True))[0],
                             size=(64, 64), mode="bilinear")
     torch.testing.assert_close(prob, (p_small + big.predict_proba(x)[0]) / 2, atol=1e-6, rtol=0)
 

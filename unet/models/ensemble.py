@@ -99,7 +99,9 @@ class Ensemble(Predicts, nn.Module):
         probs, class_probs = [], []
         for member, spec in zip(self.members, self.member_specs, strict=True):
             size = [max(1, round(d * m / e)) for d, m, e in zip((height, width), spec["input_size"], self.input_size)]
-            xi = x if size == [height, width] else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            # Antialiased when shrinking, as the pipeline's own resize (cv2's INTER_AREA) is.
+            xi = x if size == [height, width] else F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                                                 antialias=size[0] < height)
             mean, std = spec["normalization"]["mean"], spec["normalization"]["std"]
             if (mean, std) != (self.normalization["mean"], self.normalization["std"]):
                 xi = (xi * self.normalization["std"] + self.normalization["mean"] - mean) / std
