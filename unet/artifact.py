@@ -53,6 +53,7 @@ from torch import nn
 
 from . import __version__
 from .models import build_model, count_parameters
+from .runtime import UsageError
 from .settings import (ModelSettings, check_architecture, check_input_size, check_normalization, check_postprocess,
                        check_threshold)
 
@@ -147,7 +148,7 @@ def _write(location: str, name: str, data: bytes) -> None:
 
 # Names that always load the recommended shipped model of a dataset; old names stay loadable, so
 # runs that named them reproduce.
-ALIASES = {"busi": "busi-effunet"}
+ALIASES = {"busi": "busi-ensemble"}
 
 
 def list_pretrained() -> list[str]:
@@ -363,10 +364,20 @@ def load_artifact(name_or_path_or_uri: str | os.PathLike, device: str = "cpu") -
 
     Raises:
         FileNotFoundError: no such directory/name, or config.json / model.safetensors missing.
-        ValueError: malformed config, unknown architecture, weights whose sha256 differs from the
-            config's, or weights that do not fit the architecture (missing/unexpected keys, shapes).
+        UsageError (a ``ValueError``): malformed config, unknown architecture, weights whose sha256
+            differs from the config's, or weights that do not fit the architecture (missing/
+            unexpected keys, shapes): the artifact named is not one the jobs can use.
         Each message names the file and the problem.
     """
+    try:
+        return _load_artifact(name_or_path_or_uri, device)
+    except UsageError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise UsageError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e
+
+
+def _load_artifact(name_or_path_or_uri: str | os.PathLike, device: str) -> LoadedModel:
     location = _resolve(name_or_path_or_uri)
     config_path = _join(location, CONFIG_NAME)
     config, settings = _parse_config(_read(location, CONFIG_NAME, CONFIG_NAME), config_path)
