@@ -17,6 +17,11 @@ not grow with the archive. The rate over the whole run (start-up included) is re
 are interleaved (naive, job, naive, job, ..., naive; ``--rounds`` jobs): each job is divided by the
 mean of the naive runs either side of it, and the median of these per-round ratios is the ratio.
 
+The job also runs with ``--backend onnxruntime`` in every round, right after the torch job
+(same archive, workers and threads; ``--no-onnxruntime`` skips it): its rate over the naive
+loop, over the torch job of the same round, and the ratio of the two model actors' own rates
+(``actor_model_images_per_s``: the network alone, torch vs ONNX Runtime, inside the job).
+
 Goal: ratio >= 1.3 on 2 CPUs — pipelining decode/encode with the model and running model
 replicas side by side has to pay for Ray.
 
@@ -144,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "i.e. the job's total model threads)")
     p.add_argument("--model", default=None, help="model artifact; default: a random-weight default unet")
     p.add_argument("--gpu", action="store_true", help="GPU for both (job: 1 GPU per worker)")
+    p.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the job with --backend onnxruntime in every round (default: yes)")
     return p
 
 
@@ -185,20 +192,33 @@ def main(argv: list[str] | None = None) -> dict:
         # naive runs just before and after it; the median over rounds is the ratio (on a shared
         # machine one pair alone drifts by +-30%).
         job = infer_job_args(args, model_ref)
-        naives, jobs, ratios = [naive("round 0")], [], []
-        for i in range(1, args.rounds + 1):
-            jobm = measure_infer_job(job, input_uri=str(input_path), n=args.n, output=str(work / f"masks-{i}"),
-                                     workers=args.workers, log_dir=work / f"log-{i}")
+
+        def run_job(i: int, backend: str) -> dict:
+            jobm = measure_infer_job([*job, "--backend", backend], input_uri=str(input_path), n=args.n,
+                                     output=str(work / f"masks-{backend}-{i}"), workers=args.workers,
+                                     log_dir=work / f"log-{backend}-{i}")
             if "pipeline_images_per_s" not in jobm:
                 raise RuntimeError(f"no Ray Data timeline of the job found ({jobm.get('ray_data')})")
             steady, wall = jobm["pipeline_images_per_s"], jobm["wall_images_per_s"]
-            say(f"infer job (round {i}): start-up {jobm['startup_s']:.1f}s, then {steady:.1f} images/s; whole "
-                f"run {jobm['wall_s']:.1f}s = {wall:.1f} images/s (model inside the actors: "
+            say(f"infer job, {backend} (round {i}): start-up {jobm['startup_s']:.1f}s, then {steady:.1f} images/s; "
+                f"whole run {jobm['wall_s']:.1f}s = {wall:.1f} images/s (model inside the actors: "
                 f"{jobm['actor_model_images_per_s']:.1f} images/s)")
+            return jobm
+
+        naives, jobs, ratios = [naive("round 0")], [], []
+        ort_jobs, ort_ratios, ort_vs_torch, ort_actor_vs_torch = [], [], [], []
+        for i in range(1, args.rounds + 1):
+            jobm = run_job(i, "torch")
+            ortm = run_job(i, "onnxruntime") if args.onnxruntime else None
             naives.append(naive(f"round {i}"))
             around = (naives[-2]["images_per_s"] + naives[-1]["images_per_s"]) / 2
             jobs.append(jobm)
-            ratios.append(steady / around)
+            ratios.append(jobm["pipeline_images_per_s"] / around)
+            if ortm is not None:
+                ort_jobs.append(ortm)
+                ort_ratios.append(ortm["pipeline_images_per_s"] / around)
+                ort_vs_torch.append(ortm["pipeline_images_per_s"] / jobm["pipeline_images_per_s"])
+                ort_actor_vs_torch.append(ortm["actor_model_images_per_s"] / jobm["actor_model_images_per_s"])
         ratio = median(ratios)
         baseline = median([r["images_per_s"] for r in naives])
         ratio_wall = median([j["wall_images_per_s"] for j in jobs]) / baseline
@@ -207,11 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
             "round_ratios": [round(r, 3) for r in ratios], "ratio_wall": round(ratio_wall, 3),
             "config": vars(args), "naive_threads": threads, "job_threads": job_threads, "model_id": loaded.model_id,
             "jobs": jobs, "naive": {"runs": naives, "median_images_per_s": baseline},
+            "onnxruntime": {"jobs": ort_jobs, "ratio_vs_naive": round(median(ort_ratios), 3),
+                            "ratio_vs_torch_job": round(median(ort_vs_torch), 3),
+                            "actor_model_ratio_vs_torch": round(median(ort_actor_vs_torch), 3)} if ort_jobs else None,
             "machine": info,
         }
         notes = [f"per round (job / mean of the naive runs around it): {', '.join(f'{r:.2f}' for r in ratios)}",
                  f"naive loop (median): {baseline:.1f} images/s",
                  f"over run_inference's whole wall time (start-up included) the ratio is {result['ratio_wall']:.2f}"]
+        if ort_jobs:
+            ort = result["onnxruntime"]
+            notes.append(f"--backend onnxruntime: job/naive {ort['ratio_vs_naive']:.2f}, onnxruntime job/torch job "
+                         f"{ort['ratio_vs_torch_job']:.2f} (per round: {', '.join(f'{r:.2f}' for r in ort_vs_torch)}); "
+                         f"model actors alone onnxruntime/torch {ort['actor_model_ratio_vs_torch']:.2f}")
         return finish("infer_vs_naive", result, argv, "infer_job_steady/naive_loop", ratio, GOAL, notes=notes)
 
 

@@ -15,7 +15,12 @@ in alternating rounds (order reversed every round); the ratio is the median over
 ours/MONAI within a round, so load changes on a shared machine hit both alike. Also measured on
 our model (same pairing): channels-last memory format (what the inference actors use), bf16
 autocast on CPU, and ``torch.compile`` (in a child process, time-boxed
-with ``--compile-timeout``; skipped with a message if it fails or runs out of time).
+with ``--compile-timeout``; skipped with a message if it fails or runs out of time). And the two
+backends of ``jobs.infer`` side by side, same threads, same rounds: ``ours_inference`` is what the
+torch model actor runs (BatchNorm folded, channels-last), ``ours_onnxruntime`` the graph
+``jobs.export`` writes under ONNX Runtime (:class:`unet.export.OnnxModel`, ``--threads`` intra-op
+threads; CUDA execution provider with ``--gpu`` when ``onnxruntime-gpu`` is installed, else
+skipped); their ratio is ``onnxruntime_vs_torch``.
 Parameters and FLOPs (``torch.utils.flop_counter.FlopCounterMode``, one image) of both are
 reported so the comparison is like for like.
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -77,6 +83,32 @@ def flops_per_image(model, input_size: int) -> int:
     with counter, torch.inference_mode():
         model(torch.rand(1, 1, input_size, input_size))
     return int(counter.get_total_flops())
+
+
+def build_onnxruntime(model, args):
+    """``(OnnxModel of model exported as jobs.export does, None)``, or ``(None, why not)``."""
+    import tempfile
+
+    from unet.artifact import load_artifact, save_artifact
+    from unet.export import OnnxModel, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="unet-bench-onnx-") as tmp:
+        dest = save_artifact(model, f"{tmp}/model", input_size=(args.input_size, args.input_size),
+                             normalization=model.input_normalization)
+        graph = export_onnx(load_artifact(dest))
+    try:
+        return OnnxModel(graph, use_gpu=args.gpu, num_threads=args.threads), None
+    except RuntimeError as e:  # --gpu without onnxruntime-gpu
+        return None, str(e)
+
+
+def time_onnxruntime(onnx_model, x, *, iters: int) -> float:
+    """Images/s of ``iters`` ONNX Runtime runs of batch ``x`` (numpy; after one warm-up run)."""
+    onnx_model.predict_all(x)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        onnx_model.predict_all(x)
+    return iters * x.shape[0] / (time.perf_counter() - t0)
 
 
 def time_forward(model, x, *, iters: int, device: str, autocast_dtype=None) -> float:
@@ -154,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
-    from unet.models import count_parameters
+    from unet.models import count_parameters, fuse_conv_bn
 
     try:
         ours, monai = build_ours(), build_monai()
@@ -186,14 +218,22 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_channels_last": (ours_cl, x_cl, None), "monai_channels_last": (monai_cl, x_cl, None),
         f"ours_{'fp16' if args.gpu else 'bf16'}_autocast": (ours, x, low),
         f"ours_channels_last_{'fp16' if args.gpu else 'bf16'}_autocast": (ours_cl, x_cl, low),
+        # The torch model actor of jobs.infer, and the onnxruntime backend's graph beside it.
+        "ours_inference": (fuse_conv_bn(ours).to(memory_format=torch.channels_last), x_cl, None),
     }
+    onnx_model, onnx_skipped = build_onnxruntime(copy.deepcopy(ours).cpu(), args)
+    if onnx_model is None:
+        say(f"onnxruntime: skipped — {onnx_skipped}")
+    else:
+        variants["ours_onnxruntime"] = (onnx_model, x.cpu().numpy(), None)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         # Alternate the order every round so no variant always runs first (or right after another).
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
             model, inp, dtype = variants[name]
-            rates[name].append(time_forward(model, inp, iters=args.iters, device=device, autocast_dtype=dtype))
+            rates[name].append(time_onnxruntime(model, inp, iters=args.iters) if name == "ours_onnxruntime" else
+                               time_forward(model, inp, iters=args.iters, device=device, autocast_dtype=dtype))
         say(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
     med = {k: median(v) for k, v in rates.items()}
     say("median images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
@@ -215,12 +255,18 @@ def main(argv: list[str] | None = None) -> dict:
     effects = {k: round(paired(k, "ours"), 3) for k in rates if k.startswith("ours_")}
     say("effect on ours (x vs fp32 default format): " + ", ".join(f"{k[5:]} x{v:.2f}" for k, v in effects.items()))
     say(f"channels-last both: ours/monai = {paired('ours_channels_last', 'monai_channels_last'):.2f}")
+    onnx_ratio = paired("ours_onnxruntime", "ours_inference") if "ours_onnxruntime" in rates else None
+    if onnx_ratio is not None:
+        say(f"jobs.infer backends: onnxruntime/torch = {onnx_ratio:.2f} (median images/s "
+            f"{med['ours_onnxruntime']:.1f} vs {med['ours_inference']:.1f}, {args.threads} threads each)")
     say("ours/monai per round: " + ", ".join(f"{x / y:.2f}" for x, y in zip(rates["ours"], rates["monai"], strict=True)))
     result = {
         "benchmark": "model_speed", "goal": f">= {GOAL}", "ratio": round(ratio, 3), "met": ratio >= GOAL,
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "device": device,
         "models": stats, "images_per_s": rates, "median_images_per_s": med, "effects_vs_ours_fp32": effects,
         "ratio_channels_last": round(paired("ours_channels_last", "monai_channels_last"), 3),
+        "onnxruntime_vs_torch": None if onnx_ratio is None else round(onnx_ratio, 3),
+        "onnxruntime_skipped": onnx_skipped,
         "torch_compile": compiled, "monai_version": monai_pkg.__version__, "machine": info,
     }
     return finish("model_speed", result, argv, "ours/monai_basicunet", ratio, GOAL)

@@ -27,8 +27,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from unet.cli import run_main
-from unet.runtime import configure_output
+from unet.cli import run_main, usage_errors
+from unet.runtime import UsageError, configure_output
 
 _COLUMNS = {"dice": "Dice", "lesion_dice": "lesion Dice", "false_lesion_rate": "false-lesion rate",
             "false_lesions": "false lesions", "missed_lesion_rate": "missed", "threshold": "threshold",
@@ -38,7 +38,7 @@ _COLUMNS = {"dice": "Dice", "lesion_dice": "lesion Dice", "false_lesion_rate": "
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
     p = argparse.ArgumentParser(
-        prog="python -m jobs.calibrate",
+        prog="python -m jobs.calibrate", allow_abbrev=False,
         description="Choose threshold, gate, min area, largest component and TTA on a validation split "
                     "under a false-lesion cap; write them into a model artifact.",
     )
@@ -64,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_output("calibrate", args.verbose)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--top", args.top, 0)):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low}; got {value}")
+            raise UsageError(f"{flag} must be >= {low}; got {value}")
     if not 0.0 <= args.max_false_lesion_rate <= 1.0:
-        raise ValueError(f"--max-false-lesion-rate must be in [0, 1], e.g. 0.10; got {args.max_false_lesion_rate}")
+        raise UsageError(f"--max-false-lesion-rate must be in [0, 1], e.g. 0.10; got {args.max_false_lesion_rate}")
 
     # Heavy imports after argument parsing so that --help and usage errors are instant.
     import pandas as pd
@@ -78,10 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[calibrate {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-    check_split(args.split)  # before any work
-    dest = output_location(args.model, args.out)
-    device = resolve_device(args.device)
-    loaded = load_artifact(args.model, device=device)
+    with usage_errors():  # a bad split, --out, --device or model name is bad use
+        check_split(args.split)  # before any work
+        dest = output_location(args.model, args.out)
+        device = resolve_device(args.device)
+        loaded = load_artifact(args.model, device=device)
     log(f"model {loaded.model_id} on {device}; calibrating on {args.data} split {args.split}, "
         f"false-lesion rate <= {args.max_false_lesion_rate}")
     start = time.perf_counter()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="where everything goes (default: runs/demo)")
     p.add_argument("--num", type=int, default=400, help="phantoms to prepare for training/val/test (default: 400)")
     p.add_argument("--archive", type=int, default=200, help="phantom images in the inference archive (default: 200)")

@@ -16,8 +16,11 @@ precision, recall, HD95, p(lesion), p(malignant) per image; the Parquet file als
 predicted mask), and ``report.html`` with its figures (overlays,
 best/worst cases, training curves). Prints the report's path last.
 
-Single process: scoring a test split of a few hundred images needs no cluster. On a Ray cluster,
-submit it unchanged: ``ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.evaluate ...``.
+Single process: scoring a test split of a few hundred images needs no cluster. On a Ray cluster the
+work runs in the driver, so submit it with entrypoint resources (Ray then runs the driver on a worker;
+without them it refuses to run on a head that advertises no CPUs):
+``ray job submit --runtime-env deploy/runtime_env.yaml --entrypoint-num-cpus 3 --entrypoint-num-gpus 1 --
+python -m jobs.evaluate ...`` with ``s3://`` URIs for ``--data`` and ``--out``.
 Bad input (unknown model, wrong URI, incompatible artifact) exits with code 2 and one line on stderr.
 """
 
@@ -29,14 +32,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from unet.cli import run_main
-from unet.runtime import configure_output
+from unet.cli import run_main, usage_errors
+from unet.runtime import UsageError, configure_output, require_driver_cpus, require_shared_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
     p = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate",
+        prog="python -m jobs.evaluate", allow_abbrev=False,
         description="Score a model on a prepared split: per-image metrics, bootstrap CIs, HTML report.",
     )
     p.add_argument("--model", required=True,
@@ -119,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0),
                              ("--grid", args.grid, 0), ("--cases", args.cases, 0)):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low}; got {value}")
+            raise UsageError(f"{flag} must be >= {low}; got {value}")
+    require_shared_paths({"--data": args.data, "--out": args.out})
+    require_driver_cpus("jobs.evaluate")
 
     # Heavy imports after argument parsing so that --help and usage errors are instant.
     from unet.artifact import load_artifact
@@ -128,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[evaluate {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-    device = resolve_device(args.device)
-    loaded = load_artifact(args.model, device=device)
+    with usage_errors():  # an unknown model name or --device is bad use
+        device = resolve_device(args.device)
+        loaded = load_artifact(args.model, device=device)
     log(f"model {loaded.model_id} ({loaded.settings.architecture}) on {device}; "
         f"scoring {args.data} split {args.split}")
     result = evaluate(loaded, args.data, args.split, batch_size=args.batch_size, n_bootstrap=args.bootstrap,

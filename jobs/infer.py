@@ -6,14 +6,18 @@
     python -m jobs.infer --model busi-unet --input s3://bucket/shards/ --output s3://bucket/masks/ --incremental
     python -m jobs.infer --model busi-unet --input table.parquet --image-column png --id-column case_id \\
         --output runs/masks
-    ray job submit --working-dir . -- python -m jobs.infer --model busi-unet --input s3://... --output s3://...
+    ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.infer --model busi-unet \\
+        --input s3://bucket/scans/ --output s3://bucket/masks/
 
 ``--input`` is a folder/prefix (walked recursively; image files .png .jpg .jpeg .bmp .tif .tiff,
-tar shards and Parquet tables may be mixed) or a single image, tar or Parquet file. The output is
+DICOM files (.dcm, or no extension and the DICM marker; a row per frame), tar shards and Parquet
+tables may be mixed) or a single image, tar or Parquet file. The output is
 ``part-<sha1>.parquet`` files with one row per input (schema in ``unet.inference`` and the
 README); broken inputs become ``status = "error"`` rows and the job goes on. Rerunning the same
 command overwrites its parts; ``--incremental`` only processes inputs that are not in the output
-yet (scheduled runs over a growing archive, or finishing an interrupted run).
+yet (scheduled runs over a growing archive, or finishing an interrupted run). One run writes an
+output at a time (``<output>/_lease.json``): another run on the same output stops with one line
+naming the holder, or waits for it with ``--wait-for-lease``.
 
 Post-processing is the model artifact's (threshold, flip TTA, image-head gate, minimum region area,
 largest component: ``config.json``, chosen on validation); ``--threshold``, ``--tta/--no-tta``,
@@ -22,8 +26,10 @@ override it, and ``<output>/_runs/run-*.json`` records what was used.
 
 Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
 Ray with ``--num-cpus`` (default: all CPUs). S3 endpoint and credentials come from the AWS_*
-environment variables, or ``--endpoint`` / ``--access-key`` / ``--secret-key`` / ``--region``
-which set them for this process. Prints a progress line every ~10 s and a JSON summary last;
+environment variables, or ``--endpoint`` / ``--region`` / ``--profile`` / ``--credentials-file``
+which set them for this process (keys are never flags). Under ``ray job submit`` or on a multi-node
+Ray, ``--input``/``--output`` must be shared URIs (``s3://``), else it stops at once with one line.
+Prints a progress line every ~10 s and a JSON summary last;
 Ray's own output stays in its log files (path printed once) unless ``--verbose`` or
 ``UNET_VERBOSE=1``. Bad input (unknown model, missing input, Parquet without the image column)
 exits with code 2 and one line on stderr.
@@ -36,18 +42,19 @@ import json
 import sys
 from collections.abc import Sequence
 
-from unet.cli import add_s3_arguments, apply_s3_arguments, run_main
-from unet.runtime import configure_output, init_ray
+from unet.cli import add_s3_arguments, apply_s3_arguments, run_main, usage_errors
+from unet.runtime import configure_output, init_ray, require_shared_paths
 
 _MIB = 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
+    from unet.dicom import DICOM_COLUMNS
     from unet.inference import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(
-        prog="python -m jobs.infer",
+        prog="python -m jobs.infer", allow_abbrev=False,
         description="Segment every image under --input with a model artifact; write masks as Parquet.")
     p.add_argument("--model", required=True,
                    help="model artifact: pretrained name (e.g. busi-unet), local directory or s3:// URI")
@@ -64,12 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1000,
                    help="images (or Parquet rows) per output part; a tar is always one part (default: 1000)")
     p.add_argument("--incremental", action="store_true",
-                   help="skip inputs already in --output (growing archives; finishing an interrupted run)")
+                   help="skip inputs already in --output (growing archives; finishing an interrupted run); refused "
+                        "when the output was made from another input root, model or mask settings")
     p.add_argument("--retry-errors", action="store_true",
                    help="with --incremental: redo the parts that hold error rows")
     p.add_argument("--workers", type=int, default=1, help="model actors (default: 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default: 0)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="what runs the model: torch, or onnxruntime on the graph exported from the artifact "
+                        "(CPU; CUDA with onnxruntime-gpu) (default: torch)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write each probability map as an 8-bit PNG (probability_png column; off: size)")
+    p.add_argument("--dicom-columns", nargs="+", default=[], metavar="ATTRIBUTE", choices=DICOM_COLUMNS,
+                   help=f"DICOM inputs: also write these identifying attributes as columns "
+                        f"({', '.join(DICOM_COLUMNS)}); left out by default (privacy); null for other inputs")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs per model actor (default: 1); workers x this + 1 must fit the cluster, the 1 "
                         "for reading, decoding and post-processing")
@@ -89,9 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images become error rows (decompression bombs; default: {DEFAULT_MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                   help=f"larger files / tar members become error rows (default: {DEFAULT_MAX_BYTES // _MIB} MiB)")
+                   help=f"larger files / tar members / Parquet image cells become error rows (default: "
+                        f"{DEFAULT_MAX_BYTES // _MIB} MiB)")
     p.add_argument("--check-resources", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse a request the cluster cannot hold (switch off on autoscaling clusters)")
+    p.add_argument("--node-types", metavar="FILE", default=None,
+                   help="cluster YAML (e.g. cluster.yaml) with the node types an autoscaling cluster can add; "
+                        "requests are checked against them (default: found from the cluster)")
+    p.add_argument("--wait-for-lease", action="store_true",
+                   help="when another run is writing --output, wait for it instead of refusing")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this job starts (default: all)")
     add_s3_arguments(p)
@@ -106,16 +128,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from unet.inference import InferenceConfig, run_inference
 
-    config = InferenceConfig(
-        model=args.model, input=args.input, output=args.output, image_column=args.image_column,
-        id_column=args.id_column, chunk_size=args.chunk_size, workers=args.workers,
-        batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker, threshold=args.threshold, tta=args.tta,
-        gate_threshold=args.gate_threshold, min_area=args.min_area,
-        largest_component=args.largest_component, incremental=args.incremental,
-        retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-        exclude=tuple(args.exclude), check_resources=args.check_resources)
+    with usage_errors():  # a bad setting is bad use
+        config = InferenceConfig(
+            model=args.model, input=args.input, output=args.output, image_column=args.image_column,
+            id_column=args.id_column, chunk_size=args.chunk_size, workers=args.workers,
+            batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, threshold=args.threshold, tta=args.tta,
+            gate_threshold=args.gate_threshold, min_area=args.min_area,
+            largest_component=args.largest_component, incremental=args.incremental,
+            retry_errors=args.retry_errors, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+            exclude=tuple(args.exclude), check_resources=args.check_resources, node_types=args.node_types,
+            wait_for_lease=args.wait_for_lease, backend=args.backend,
+            save_probabilities=args.save_probabilities, dicom_columns=tuple(args.dicom_columns))
     verbose = configure_output("infer", args.verbose)
+    require_shared_paths({"--input": args.input, "--output": args.output}, args.address)
     init_ray(args.address, args.num_cpus)
     if verbose:
         import ray

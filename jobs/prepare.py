@@ -17,8 +17,10 @@ run left over; nothing else in OUT is touched. The logic lives in :mod:`unet.pre
 :mod:`unet.folder_source` for ``--source folder``, whose class rule is in ``--help``).
 
 S3: endpoint, credentials and region come from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3),
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_REGION, or from the flags below; flags win.
-Secrets are never printed or recorded (prefer the environment: flags show up in ``ps``).
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_REGION, a profile (``--profile``) or a credentials
+file (``--credentials-file``); keys are never flags, so they never reach ``ps``, Ray's job metadata
+or manifest.json. Under ``ray job submit`` every path must be a shared URI (``s3://``), and the
+entrypoint needs ``--entrypoint-num-cpus`` (the work runs in the driver; see docs/operations.md).
 Bad source files are skipped with a warning line each and listed in the manifest; ``--strict``
 turns them into an error (exit code 2).
 """
@@ -32,9 +34,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from unet.cli import add_s3_arguments, run_main
-
-_SECRET_FLAGS = ("--access-key", "--secret-key")
+from unet.cli import add_s3_arguments, apply_s3_arguments, run_main, usage_errors
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from unet.prepare import DEFAULT_HASH_THRESHOLD, DEFAULT_SHARD_SIZE
 
     p = argparse.ArgumentParser(
-        prog="python -m jobs.prepare",
+        prog="python -m jobs.prepare", allow_abbrev=False,
         description="Write train/val/test Parquet shards and manifest.json from a BUSI folder, a "
                     "folder of your own labelled images, or generated phantoms. Near-duplicate images "
                     "(perceptual-hash groups) never straddle two splits; splits are stratified by class; "
@@ -170,23 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def redacted_command(argv: Sequence[str]) -> str:
-    """The command line as typed, with the values of --access-key/--secret-key replaced by ***."""
-    words, hide_next = [], False
-    for word in argv:
-        if hide_next:
-            words.append("***")
-            hide_next = False
-        elif word in _SECRET_FLAGS:
-            words.append(word)
-            hide_next = True
-        elif word.startswith(tuple(f + "=" for f in _SECRET_FLAGS)):
-            words.append(word.split("=", 1)[0] + "=***")
-        else:
-            words.append(word)
-    return "python -m jobs.prepare " + shlex.join(words)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -213,14 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from unet.prepare import PrepareConfig, prepare
 
-    from unet.runtime import ProgressLine, configure_output
+    from unet.runtime import ProgressLine, configure_output, require_driver_cpus, require_shared_paths
 
     configure_output("prepare", args.verbose)
-    config = PrepareConfig(source=args.source, out=args.out, input=args.input, num=args.num, seed=args.seed,
-                           size=args.size, ratios=args.ratios, shard_size=args.shard_size,
-                           hash_threshold=args.hash_threshold, strict=args.strict, max_side=args.max_side,
-                           images=args.images, masks=args.masks, mask_pattern=args.mask_pattern,
-                           class_from=args.class_from, classes=args.classes, default_class=args.default_class)
+    apply_s3_arguments(args)
+    require_shared_paths({"--input": args.input, "--images": args.images, "--masks": args.masks,
+                          "--classes": args.classes, "--out": args.out})
+    require_driver_cpus("jobs.prepare")
+    with usage_errors():  # a bad setting is bad use
+        config = PrepareConfig(source=args.source, out=args.out, input=args.input, num=args.num, seed=args.seed,
+                               size=args.size, ratios=args.ratios, shard_size=args.shard_size,
+                               hash_threshold=args.hash_threshold, strict=args.strict, max_side=args.max_side,
+                               images=args.images, masks=args.masks, mask_pattern=args.mask_pattern,
+                               class_from=args.class_from, classes=args.classes, default_class=args.default_class)
     started = time.monotonic()
     progress_line = ProgressLine(logging.getLogger("unet.prepare").info)  # one line every ~10 s
 
@@ -231,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             progress_line.update(text)
 
-    manifest = prepare(config, command=redacted_command(argv), progress=progress, endpoint=args.endpoint,
-                       access_key=args.access_key, secret_key=args.secret_key, region=args.region)
+    # Keys never come as flags (unet.cli.add_s3_arguments), so the command as typed is safe to record.
+    manifest = prepare(config, command=shlex.join(["python", "-m", "jobs.prepare", *argv]), progress=progress)
 
     counts, groups = manifest["counts"], manifest["groups"]
     print(f"{'split':<6} {'benign':>7} {'malignant':>9} {'normal':>7} {'total':>6} {'groups':>7} {'shards':>6}")

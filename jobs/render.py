@@ -17,8 +17,8 @@ rows in a table) with its ``thumbs/``, and ``files.csv``. ``--limit N`` reads on
 Details: the docstring of ``unet/render.py``.
 
 Quiet: prints one line at the end (rows, masks, overlays, errors listed, where index.html is). S3
-settings come from the AWS_* environment variables, or ``--endpoint`` / ``--access-key`` /
-``--secret-key`` / ``--region``. Bad use (no such output, no parts in it, ``--to`` is a file,
+settings come from the AWS_* environment variables, or ``--endpoint`` / ``--region`` /
+``--profile`` / ``--credentials-file`` (keys are never flags). Bad use (no such output, no parts in it, ``--to`` is a file,
 ``--images`` missing) exits with code 2 and one line on stderr.
 """
 
@@ -34,7 +34,7 @@ from unet.cli import add_s3_arguments, apply_s3_arguments, run_main
 def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
     p = argparse.ArgumentParser(
-        prog="python -m jobs.render",
+        prog="python -m jobs.render", allow_abbrev=False,
         description="Write the masks of an inference output as PNG files, with overlays and an index.html.")
     p.add_argument("--masks", required=True,
                    help="inference output: the --output of jobs.infer (folder, s3:// prefix or one part file)")

@@ -6,7 +6,9 @@
     python -m jobs.train --config configs/busi.yaml --set model_kwargs.dropout=0.1 --epochs 80
     python -m jobs.train --data s3://bucket/busi-prepared --storage s3://bucket/runs --name busi-unet \\
         --use-gpu --workers 4 --image-size 256 --amp bf16
-    ray job submit --working-dir . -- python -m jobs.train --config configs/busi.yaml --workers 2-8 \
+    python -m jobs.train --smoke-test --mlflow        # + MLflow tracking in ./mlruns (or --mlflow http://host:5000)
+    ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.train --config configs/busi.yaml \
+        --workers 2-8 \
         --data s3://bucket/busi-prepared --storage s3://bucket/runs
 
 Settings come from, later ones winning: the defaults (``unet.training.TrainConfig``), ``--config``
@@ -23,10 +25,12 @@ model artifact (config.json + model.safetensors) to ``--export`` (default
 Ray: joins ``--address`` (``auto``: the ``ray start`` cluster of this machine) or ``$RAY_ADDRESS``
 (as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all
 CPUs). Workers get a planned share of CPUs so Ray Data keeps ``--data-cpus`` for decoding; a
-request the cluster cannot hold fails at once with one line (exit code 2). Output: one line per
-epoch and the result; Ray's own output stays in its log files (path printed once) unless
-``--verbose`` or ``UNET_VERBOSE=1``. On more than one node,
-``--storage`` must be shared by all of them (``s3://``, NFS). S3 endpoint and credentials come from
+request the cluster cannot hold fails at once with one line (exit code 2); on an autoscaling
+cluster the plan is sized from the node types it can add (``--node-types``, ``unet.autoscaling``).
+Output: one line per epoch and the result; Ray's own output stays in its log files (path printed once) unless
+``--verbose`` or ``UNET_VERBOSE=1``. Under ``ray job submit`` or on more than one node,
+``--data``/``--storage``/``--export`` must be shared by all of them (``s3://``, or ``file:///path`` for
+a mount every node has); a local path stops the job at once with one line. S3 endpoint and credentials come from
 the AWS_* environment variables (the file system object carries them to the workers).
 """
 
@@ -39,9 +43,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from unet.cli import run_main
+from unet.cli import run_main, usage_errors
 from unet.losses import LOSSES
-from unet.runtime import configure_output
+from unet.runtime import configure_output, require_shared_paths
 from unet.models import MODELS
 from unet.training import (AMP_DTYPES, MONITORS, OPTIMIZERS, PLACEMENT_STRATEGIES, SCHEDULES, TrainConfig,
                            fit, load_config_file)
@@ -90,6 +94,11 @@ _FLAGS: list[tuple[str, dict]] = [
     ("num-cpus", dict(type=int, help="CPUs of the local Ray this job starts (default: all)")),
     ("check-resources", dict(action=argparse.BooleanOptionalAction,
                              help="refuse requests the cluster cannot hold (off for autoscaling clusters)")),
+    ("node-types", dict(metavar="FILE", help="cluster YAML (e.g. cluster.yaml) with the node types an autoscaling "
+                        "cluster can add; the plan is sized from them (default: found from the cluster)")),
+    ("mlflow", dict(nargs="?", const=True, metavar="URI",
+                    help="track the run in MLflow (params, per-epoch metrics, model): a tracking URI, or alone "
+                         "for $MLFLOW_TRACKING_URI, else the file store ./mlruns; needs unet-ray[tracking]")),
     ("smoke-test", dict(action="store_true", help="tiny run: 32 px, 2 epochs, small model, phantoms if no --data")),
 ]
 _MAPPINGS = ("model_kwargs", "loss_kwargs", "oversample")
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's arguments (also used by tests and docs to check example command lines)."""
     defaults = dataclasses.asdict(TrainConfig())
     p = argparse.ArgumentParser(
-        prog="python -m jobs.train",
+        prog="python -m jobs.train", allow_abbrev=False,
         description="Distributed training of unet / attention_unet / unet_plus_plus on Ray Train.",
         epilog="Precedence: defaults < --config < flags < --set. See the module docstring for examples.",
     )
@@ -149,11 +158,15 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    with usage_errors():  # a bad setting, config file or --set is bad use
+        cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(cfg.resolved().to_dict(), indent=2))
         return 0
     configure_output("train", args.verbose)
+    resolved = cfg.resolved()
+    require_shared_paths({"--data": resolved.data, "--storage": resolved.storage, "--export": resolved.export},
+                         resolved.address)
     command = shlex.join(["python", "-m", "jobs.train", *(sys.argv[1:] if argv is None else argv)])
     outcome = fit(cfg, command=command)
     m = outcome.best_metrics

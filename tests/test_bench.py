@@ -54,6 +54,10 @@ def test_benchmark_runs_and_ends_with_its_ratio(case, tmp_path):
     result = json.loads(result_file.read_text())
     assert result["benchmark"] == name and "ratio" in result and "machine" in result
     assert result["command"].startswith(f"python -m bench.{name}")
+    if name == "model_speed":  # the two backends of jobs.infer, side by side
+        assert result["onnxruntime_vs_torch"] > 0 and "ours_onnxruntime" in result["median_images_per_s"]
+    if name == "infer_vs_naive":
+        assert result["onnxruntime"]["ratio_vs_torch_job"] > 0 and len(result["onnxruntime"]["jobs"]) == 1
 
 
 @pytest.mark.slow

@@ -249,8 +249,16 @@ def test_token_auth_is_enforced(ray_head):
 @pytest.mark.slow
 def test_ray_job_submit_infer_writes_parquet(ray_head, infer_inputs):
     out = infer_inputs["root"] / "masks"
-    entrypoint = ["python", "-m", "jobs.infer", "--model", infer_inputs["model"], "--input", str(infer_inputs["images"]),
-                  "--output", str(out), "--workers", "1", "--batch-size", "2"]
+    # Submitted, a plain local path is refused at once, in one line: on a real cluster it would name
+    # a different folder, or none, on each node.
+    refused = ray_head.submit("python", "-m", "jobs.infer", "--model", infer_inputs["model"], "--input",
+                              str(infer_inputs["images"]), "--output", str(out))
+    assert refused.returncode != 0 and "--input" in refused.stdout
+    assert "a local path, but this job was submitted with `ray job submit`" in refused.stdout
+    assert not out.exists()
+    # file:// says "every node mounts this path", true of this one-machine cluster.
+    entrypoint = ["python", "-m", "jobs.infer", "--model", infer_inputs["model"], "--input",
+                  f"file://{infer_inputs['images']}", "--output", f"file://{out}", "--workers", "1", "--batch-size", "2"]
     proc = ray_head.submit(*entrypoint)
     assert proc.returncode == 0, f"{shlex.join(entrypoint)}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert "succeeded" in proc.stdout

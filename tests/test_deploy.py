@@ -3,12 +3,17 @@
 The KubeRay manifests cannot run here (no Kubernetes), so the tests check what breaks them in
 practice: a flag a job does not have, a schedule cron rejects, a CronJob script that renders a bad
 RayJob, a RayCronJob that drifted from the one-shot RayJob, documented commands that no longer parse.
-The CronJob's shell script is run for real with bash, with a stand-in `kubectl` on PATH that
-records what it is asked to create and delete.
+The CronJob's shell script is run for real with /bin/sh, as its container runs it, with a stand-in
+`kubectl` on PATH that records what it is asked to create and delete. Every ``ray.io`` manifest is
+validated against KubeRay's own CRD schemas (``../shared/vendor/kuberay/``, strict about unknown
+fields as ``kubectl apply --validate=strict`` is; skipped where that folder is absent), and the plain
+Kubernetes ones are checked for what broke them before: a withdrawn image tag, a service account
+nobody creates, GPU pods kept for minutes after a run, runs that overlap.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -25,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 DOCS = REPO / "docs" / "operations.md"
+KUBERAY_CRDS = REPO.parent / "shared" / "vendor" / "kuberay"
 
 
 def _docs(path: Path) -> list[dict]:
@@ -165,7 +171,7 @@ def test_cronjob_schedule_and_wiring():
     assert generator["files"] == ["rayjob-infer.yaml"]
     assert env["MANIFEST"] == f"{mount['mountPath']}/rayjob-infer.yaml"
     assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
-    assert set(kustomization["resources"]) == {"cronjob-infer.yaml"}
+    assert set(kustomization["resources"]) == {"cronjob-infer.yaml", "serviceaccount.yaml"}
     # RBAC: the pod's service account may create/list/delete RayJobs.
     role = _one(KUBERAY / "cronjob-infer.yaml", "Role")
     binding = _one(KUBERAY / "cronjob-infer.yaml", "RoleBinding")
@@ -174,19 +180,22 @@ def test_cronjob_schedule_and_wiring():
     assert {"create", "list", "delete"} <= set(role["rules"][0]["verbs"])
 
 
-_STUB = """#!/bin/bash
+_STUB = """#!/bin/sh
 # Stand-in for kubectl: answers from files, records what it is asked to do.
 echo "$*" >> "$STUB_DIR/calls"
 case "$1" in
   get)
-    if [[ "$*" == *jsonpath* ]]; then cat "$STUB_DIR/running"; else cat "$STUB_DIR/all"; fi ;;
+    case "$*" in
+      *custom-columns*) cat "$STUB_DIR/statuses" ;;
+      *) cat "$STUB_DIR/all" ;;
+    esac ;;
   create) cat > "$STUB_DIR/created.yaml" ;;
   delete) shift; echo "$@" >> "$STUB_DIR/deleted" ;;
 esac
 """
 
 
-def _run_cron_script(tmp_path: Path, running: str, existing: list[str]) -> subprocess.CompletedProcess:
+def _run_cron_script(tmp_path: Path, statuses: str, existing: list[str]) -> subprocess.CompletedProcess:
     cronjob = _one(KUBERAY / "cronjob-infer.yaml", "CronJob")
     container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -194,7 +203,7 @@ def _run_cron_script(tmp_path: Path, running: str, existing: list[str]) -> subpr
     bin_dir.mkdir()
     (bin_dir / "kubectl").write_text(_STUB)
     (bin_dir / "kubectl").chmod(0o755)
-    (tmp_path / "running").write_text(running)
+    (tmp_path / "statuses").write_text(statuses)
     (tmp_path / "all").write_text("".join(f"rayjob.ray.io/{n}\n" for n in existing))
     env.update(MANIFEST=str(KUBERAY / "rayjob-infer.yaml"), STUB_DIR=str(tmp_path),
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -204,7 +213,9 @@ def _run_cron_script(tmp_path: Path, running: str, existing: list[str]) -> subpr
 
 def test_cronjob_script_creates_a_timestamped_rayjob_and_prunes(tmp_path, rayjob):
     existing = [f"unet-infer-202601{d:02d}-0007" for d in range(1, 27)]  # 26, oldest first
-    proc = _run_cron_script(tmp_path, running="", existing=existing)
+    ended = ["Complete", "Failed", "ValidationFailed", "Suspended"] * 7  # every state in which a run is over
+    finished = "".join(f"{n}   {s}\n" for n, s in zip(existing, ended))
+    proc = _run_cron_script(tmp_path, statuses=finished, existing=existing)
     assert proc.returncode == 0, proc.stderr
     created = yaml.safe_load((tmp_path / "created.yaml").read_text())
     assert re.fullmatch(r"unet-infer-\d{8}-\d{4}", created["metadata"]["name"])
@@ -216,11 +227,19 @@ def test_cronjob_script_creates_a_timestamped_rayjob_and_prunes(tmp_path, rayjob
     assert (tmp_path / "deleted").read_text().split() == [f"rayjob.ray.io/{n}" for n in existing[:2]]
 
 
-def test_cronjob_script_skips_while_previous_run_is_running(tmp_path):
-    proc = _run_cron_script(tmp_path, running="unet-infer-20260101-0007\n", existing=[])
+@pytest.mark.parametrize("status", ["<none>", "Initializing", "Running", "Retrying", "Waiting", "Suspending"])
+def test_cronjob_script_skips_while_a_previous_run_has_not_ended(tmp_path, status):
+    statuses = f"unet-infer-20260101-0007   Complete\nunet-infer-20260101-0107   {status}\n"
+    proc = _run_cron_script(tmp_path, statuses=statuses, existing=[])
     assert proc.returncode == 0, proc.stderr
-    assert "skipping" in proc.stdout
+    assert "skipping" in proc.stdout and "unet-infer-20260101-0107" in proc.stdout
     assert not (tmp_path / "created.yaml").exists()
+
+
+def test_cronjob_script_creates_the_first_run(tmp_path):
+    proc = _run_cron_script(tmp_path, statuses="", existing=[])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "created.yaml").exists() and not (tmp_path / "deleted").exists()
 
 
 # --- cron line and documented commands ----------------------------------------------------------
@@ -257,15 +276,15 @@ def test_crontab_line():
     assert line in DOCS.read_text(), "docs/operations.md must show the shipped crontab line"
 
 
-def _documented_submits() -> list[list[str]]:
-    """Every ``ray job submit ...`` command in docs/operations.md's code blocks, as words."""
-    text = DOCS.read_text()
+def _documented_submits(path: Path = DOCS) -> list[list[str]]:
+    """Every ``ray job submit ...`` command in a Markdown file's code blocks, as words."""
+    text = path.read_text()
     commands = []
     for block in re.findall(r"```(?:bash|cron)\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             if "ray job submit" in line:
-                words = shlex.split(line.split(">>")[0])
+                words = shlex.split(line.split(">>")[0], comments=True)
                 start = words.index("ray") if "ray" in words else next(i for i, w in enumerate(words) if w.endswith("/ray"))
                 commands.append(words[start:])
     return commands
@@ -290,3 +309,161 @@ def test_runtime_env_keeps_the_upload_small():
     docs = DOCS.read_text()
     for pattern in env["excludes"]:
         assert f'"{pattern}"' in docs, pattern
+
+
+# --- KubeRay CRD schemas and Kubernetes pitfalls (issue 13) -------------------------------------
+
+def _ray_manifests() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(KUBERAY.glob("*.yaml")) for doc in _docs(path)
+            if str(doc.get("apiVersion", "")).startswith("ray.io/")]
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused (the API server prunes them silently, so a typo
+    such as ``ttlSecondAfterFinished`` would otherwise pass and do nothing)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validators() -> dict:
+    """``{(apiVersion, kind): validator}`` for every served version of the vendored CRDs (2 MB of
+    YAML: read once, with libyaml where PyYAML has it)."""
+    import jsonschema
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    validators = {}
+    for path in sorted(KUBERAY_CRDS.glob("ray.io_*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=loader)  # noqa: S506 - a safe loader
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+                validators[key] = jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+def _crd_validator(api_version: str, kind: str):
+    validator = _crd_validators().get((api_version, kind))
+    assert validator is not None, f"no served CRD version for {api_version} {kind} in {KUBERAY_CRDS}"
+    return validator
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    errors = _crd_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors)
+
+
+needs_crds = pytest.mark.skipif(not KUBERAY_CRDS.is_dir(), reason=f"no KubeRay CRDs at {KUBERAY_CRDS}")
+
+
+@needs_crds
+@pytest.mark.parametrize("name, doc", _ray_manifests(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_ray_manifests_match_the_kuberay_crds(name, doc):
+    assert _schema_errors(doc) == [], name
+
+
+@needs_crds
+def test_crd_check_catches_a_typo_and_a_wrong_type(rayjob):
+    import copy
+
+    typo = copy.deepcopy(rayjob)
+    typo["spec"]["ttlSecondAfterFinished"] = typo["spec"].pop("ttlSecondsAfterFinished")
+    assert any("ttlSecondAfterFinished" in e for e in _schema_errors(typo))
+    wrong = copy.deepcopy(rayjob)
+    wrong["spec"]["backoffLimit"] = "once"
+    assert any(e.startswith("spec.backoffLimit") for e in _schema_errors(wrong))
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec in a manifest (RayJob / RayCronJob cluster pods, CronJob pod)."""
+    spec = doc.get("spec", {})
+    spec = spec.get("jobTemplate", spec) if doc["kind"] == "RayCronJob" else spec
+    if doc["kind"] == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    cluster = spec.get("rayClusterSpec")
+    if not cluster:
+        return []
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def _all_manifests() -> list[dict]:
+    return [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in _docs(path) if doc.get("kind") != "Kustomization"]
+
+
+def test_images_are_pinned_and_not_withdrawn():
+    images = [c["image"] for doc in _all_manifests() for pod in _pod_specs(doc) for c in pod["containers"]]
+    assert images
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "/" not in tag, f"{image}: pin a version tag"
+        assert not name.startswith(("bitnami/", "docker.io/bitnami/")), f"{image}: Bitnami withdrew its versioned tags"
+
+
+def test_every_service_account_used_is_created_by_the_kustomization():
+    kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    created = {d["metadata"]["name"] for f in kustomization["resources"] for d in _docs(KUBERAY / f)
+               if d["kind"] == "ServiceAccount"}
+    used = {pod.get("serviceAccountName", "default") for doc in _all_manifests() for pod in _pod_specs(doc)}
+    assert used and used <= created | {"default"}, f"never created: {used - created}"
+    assert "unet-ray" in used
+
+
+def test_runs_release_gpus_soon_and_cannot_overlap(rayjob):
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] <= 120
+    # RayCronJob has no concurrencyPolicy: each run (every attempt) must end before the next tick.
+    cron = _one(KUBERAY / "raycronjob-infer.yaml", "RayCronJob")
+    minute, hour = cron["spec"]["schedule"].split()[:2]
+    assert hour == "*" and minute.isdigit(), "the overlap rule below assumes an hourly schedule"
+    assert spec["activeDeadlineSeconds"] * (spec.get("backoffLimit", 0) + 1) < 3600
+    cronjob = _one(KUBERAY / "cronjob-infer.yaml", "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def _entrypoint_paths(words: list[str]) -> dict[str, str | None]:
+    """The data/storage/output paths a documented job command names (train: after --config)."""
+    args = parse_job_command(words)
+    if words[2] == "jobs.train":
+        from jobs.train import config_from_args
+
+        cfg = config_from_args(args).resolved()
+        return {"--data": cfg.data, "--storage": cfg.storage, "--export": cfg.export}
+    flags = ("input", "output", "data", "out", "images", "masks", "classes")
+    return {f"--{f}": getattr(args, f) for f in flags if getattr(args, f, None)}
+
+
+def test_documented_submits_name_shared_uris_only(monkeypatch):
+    """Every `ray job submit` in docs/operations.md, the README and the crontab, and the RayJob's
+    entrypoint, passes the check a submitted job makes first (unet.runtime.require_shared_paths)."""
+    from unet.runtime import SUBMITTED_JOB_ENV, require_shared_paths
+
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    monkeypatch.chdir(REPO)
+    entrypoints = [_ray_job_submit_ok(w) for w in _documented_submits(DOCS) + _documented_submits(REPO / "README.md")]
+    words = shlex.split(_crontab_line().split(">>")[0])
+    entrypoints.append(_ray_job_submit_ok(words[next(i for i, w in enumerate(words) if w.endswith("/ray")):]))
+    entrypoints.append(shlex.split(_one(KUBERAY / "rayjob-infer.yaml", "RayJob")["spec"]["entrypoint"]))
+    assert len(entrypoints) >= 7
+    for entrypoint in entrypoints:
+        paths = _entrypoint_paths(entrypoint)
+        assert paths, entrypoint
+        require_shared_paths(paths)  # raises UsageError naming the flag otherwise
+
+
+def test_jobs_that_work_in_the_driver_are_submitted_with_entrypoint_resources():
+    """jobs.prepare and jobs.evaluate do their work in the driver: the docs submit them with
+    --entrypoint-num-cpus, so Ray runs the driver on a worker, not on the CPU-less head."""
+    for words in _documented_submits(DOCS):
+        entrypoint = _ray_job_submit_ok(words)
+        if entrypoint[2] in ("jobs.prepare", "jobs.evaluate"):
+            from ray.dashboard.modules.job.cli import submit
+
+            options = submit.make_context("submit", list(words[3:])).params
+            assert (options["entrypoint_num_cpus"] or 0) > 0, shlex.join(words)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import io
 import json
-import logging
 import os
 import struct
 import subprocess
@@ -640,7 +639,7 @@ def test_artifact_postprocess_is_the_default_and_its_gate_empties_every_mask(ray
 
 @pytest.mark.slow
 def test_flags_override_the_artifact_postprocess_and_the_run_record_shows_it(ray_local, head_model_dir,
-                                                                             head_corpus, tmp_path, caplog):
+                                                                             head_corpus, tmp_path):
     from jobs.infer import main
 
     root, images = head_corpus
@@ -666,12 +665,10 @@ def test_flags_override_the_artifact_postprocess_and_the_run_record_shows_it(ray
         assert np.array_equal(got, want), name
     assert (df["tumour_pixels"] > 0).sum() == len(images)  # without the gate, real masks come back
 
-    # An incremental run with other post-processing adds nothing here, but says that the parts
-    # already in the output were made with other settings.
-    caplog.set_level(logging.WARNING, logger="unet.inference")
-    summary = inf.run_inference(config(head_model_dir, root, out, incremental=True, min_area=0.02))
-    assert summary.units_planned == 0 and summary.units_skipped == len(images) + 1
-    assert "other post-processing" in caplog.text and '"min_area": 0.01' in caplog.text
+    # An incremental run with other post-processing would mix masks made two ways: refused, naming
+    # the setting (tests/test_infer_inputs.py covers the model, the input root and each setting).
+    with pytest.raises(UsageError, match=r"other settings \(.*min_area 0.01, this run 0.02; .*part part-"):
+        inf.run_inference(config(head_model_dir, root, out, incremental=True, min_area=0.02))
 
 
 @pytest.mark.slow

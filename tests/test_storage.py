@@ -143,3 +143,102 @@ def test_unreachable_endpoint_gives_clear_error(monkeypatch):
     with pytest.raises(storage.StorageError) as info:
         storage.read_bytes("s3://bucket/x", endpoint="http://127.0.0.1:9")
     assert "s3://bucket/x" in str(info.value) and "AWS_ENDPOINT_URL" in str(info.value)
+
+
+# --- region and retries (issue 13) ---------------------------------------------------------------
+
+@pytest.fixture
+def no_aws_config(monkeypatch, tmp_path):
+    """No region, retry setting or profile anywhere: environment cleared, AWS config files absent."""
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_MAX_ATTEMPTS",
+                "AWS_RETRY_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """moto's S3 server: unlike SeaweedFS it keeps a bucket's region and reports it."""
+    from unet.testing.s3server import running_s3_server
+
+    with running_s3_server("moto") as server:
+        yield server
+
+
+def test_region_is_what_the_bucket_says_when_none_is_set(moto_server, no_aws_config, monkeypatch):
+    moto_server.filesystem(region="eu-central-1", allow_bucket_creation=True).create_dir("in-frankfurt")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_server.secret_key)
+    assert storage.resolve_s3_settings().region is None  # nothing configured: nothing made up
+    fs, _ = storage.get_filesystem("s3://in-frankfurt/x")
+    assert fs.region == "eu-central-1"
+    assert storage.fsspec_options("s3://in-frankfurt/x")["client_kwargs"]["region_name"] == "eu-central-1"
+    storage.write_bytes("s3://in-frankfurt/a/x.bin", b"ok")
+    assert storage.read_bytes("s3://in-frankfurt/a/x.bin") == b"ok"
+    assert list(storage.iter_files("s3://in-frankfurt/a")) == ["s3://in-frankfurt/a/x.bin"]
+    # An explicit region wins over what the bucket says.
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert storage.get_filesystem("s3://in-frankfurt/x")[0].region == "ap-south-1"
+
+
+def test_region_from_the_test_server_and_from_aws_region(s3_env, no_aws_config, monkeypatch):
+    # SeaweedFS sends no region header and an empty LocationConstraint, which S3 defines as us-east-1.
+    fs, _ = storage.get_filesystem(s3_env + "/x")
+    assert fs.region == "us-east-1"
+    storage.write_bytes(s3_env + "/x.bin", b"ok")
+    monkeypatch.setenv("AWS_REGION", "eu-north-1")
+    assert storage.get_filesystem(s3_env + "/x")[0].region == "eu-north-1"
+    assert storage.read_bytes(s3_env + "/x.bin") == b"ok"
+
+
+def test_region_of_a_missing_bucket_is_a_clear_error(s3_env, no_aws_config):
+    with pytest.raises(storage.BucketNotFoundError, match="bucket 'no-such-bucket-9a7e' does not exist"):
+        storage.read_bytes("s3://no-such-bucket-9a7e/x")
+
+
+def test_region_and_retries_from_the_profile(no_aws_config, monkeypatch, tmp_path):
+    config = tmp_path / "config"
+    config.write_text("[profile lab]\nregion = ap-southeast-2\nmax_attempts = 6\nretry_mode = legacy\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    s = storage.resolve_s3_settings()
+    assert (s.region, s.max_attempts, s.retry_mode) == ("ap-southeast-2", 6, "legacy")
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    with pytest.raises(ValueError, match="nope"):
+        storage.resolve_s3_settings()
+
+
+def test_retries_from_aws_max_attempts_and_retry_mode(no_aws_config, monkeypatch):
+    assert (storage.resolve_s3_settings().max_attempts, storage.resolve_s3_settings().retry_mode) == (3, "standard")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "9")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    s = storage.resolve_s3_settings(endpoint="http://127.0.0.1:9", region="eu-west-1")
+    assert (s.max_attempts, s.retry_mode) == (9, "adaptive")
+    retries = storage._s3_client(s).meta.config.retries
+    assert retries["total_max_attempts"] == 9 and retries["mode"] == "standard"
+    options = storage.fsspec_options("s3://b/k", endpoint="http://127.0.0.1:9", region="eu-west-1")
+    assert options["config_kwargs"]["retries"] == {"total_max_attempts": 9, "mode": "standard"}
+    for var, bad in (("AWS_MAX_ATTEMPTS", "many"), ("AWS_MAX_ATTEMPTS", "0"), ("AWS_RETRY_MODE", "eager")):
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(ValueError, match=var):
+            storage.resolve_s3_settings()
+        monkeypatch.delenv(var)
+
+
+def test_one_attempt_gives_up_sooner_than_five(no_aws_config, monkeypatch):
+    """AWS_MAX_ATTEMPTS reaches the client that does the work: on a closed port the standard mode
+    backs off between attempts, so five attempts take measurably longer than one."""
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    took = {}
+    for attempts in ("1", "5"):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", attempts)
+        t0 = time.monotonic()
+        with pytest.raises(storage.StorageError):
+            storage.read_bytes("s3://bucket/x", endpoint="http://127.0.0.1:9", region="eu-west-1")
+        took[attempts] = time.monotonic() - t0
+    assert took["5"] > took["1"] + 0.5, took

@@ -4,7 +4,10 @@ Fast tests check the config, CLI precedence, the resource planner and the LR sch
 share one simulated two-node cluster (``ray.cluster_utils.Cluster``) to keep start-up costs down:
 2 CPU workers (one per node) train, checkpoint and export; a rerun only re-exports, or resumes
 from storage when more epochs are asked for; a worker
-killed mid-run resumes from the last checkpoint, with checkpoints on the S3 test server; 2-rank
+killed mid-run resumes from the last checkpoint, with checkpoints on the S3 test server, and trains
+on the samples and augmentations an uninterrupted run would (``train_samples_sha256`` per epoch);
+a resume applies a new lr/weight decay and refuses another optimiser; a corrupt latest checkpoint
+falls back to the newest that loads; 2-rank
 validation counts equal a single process scoring the exported model. A cluster too small for the request fails at once
 with one line (its own 1-CPU local Ray, in a subprocess).
 """
@@ -150,6 +153,36 @@ def test_lr_schedule_warmup_then_decay():
     assert poly[0] == 1.0 and poly[-1] == pytest.approx(0.25 ** 0.9)
 
 
+def test_resume_applies_new_optimiser_settings_to_the_restored_state():
+    """Restoring the optimiser brings back the saved lr/momentum/weight decay; the new values win
+    (and the schedule goes on from the new lr), and what changed is returned for the history."""
+    from unet.training import build_optimizer, build_scheduler
+    from unet.training.checkpoints import apply_resumable_settings
+
+    old = TrainConfig.from_dict({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "epochs": 4}, source="test")
+    model = torch.nn.Linear(2, 1)
+    opt = build_optimizer(old, model.parameters())
+    sched = build_scheduler(old, opt)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched.step()
+    sched.step()
+    new = TrainConfig.from_dict({**old.to_dict(), "lr": 0.01, "momentum": 0.5, "weight_decay": 0.0}, source="test")
+    opt2 = build_optimizer(new, model.parameters())
+    sched2 = build_scheduler(new, opt2)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(2, old))  # the old lr came back
+    changed = apply_resumable_settings(new, old.to_dict(), opt2, sched2)
+    assert changed == {"lr": [0.1, 0.01], "weight_decay": [1e-4, 0.0], "momentum": [0.9, 0.5]}
+    group = opt2.param_groups[0]
+    assert group["lr"] == pytest.approx(0.01 * lr_factor(2, new)) and group["momentum"] == 0.5
+    assert group["weight_decay"] == 0.0
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01 * lr_factor(3, new))
+    assert apply_resumable_settings(new, new.to_dict(), opt2, sched2) == {}
+
+
 def test_checkpoint_state_read_by_many_ranks_at_once_from_s3(s3_env):
     """Ranks of a restarted group load the same S3 checkpoint at staggered moments. Every reader
     gets the saved state intact (Ray's shared ``as_directory`` download re-downloaded over a file
@@ -214,6 +247,18 @@ def _val_ids(data_uri: str) -> list[str]:
     return sorted(i for b in iter_batches(data_uri, "val", size=(32, 32), batch_size=64) for i in b["id"])
 
 
+def _expected_samples(cfg: TrainConfig, epochs: int) -> list[str]:
+    """``train_samples_sha256`` of epochs 1..epochs of an uninterrupted run, computed without Ray:
+    epoch e trains on every train sample augmented with (seed, e - 1)."""
+    from unet.data import AugmentConfig, iter_batches
+    from unet.training.loop import sample_fingerprints, samples_digest
+
+    return [samples_digest(f for b in iter_batches(cfg.data, "train", size=tuple(cfg.image_size), batch_size=64,
+                                                   augment=AugmentConfig(), seed=cfg.seed, epoch=e - 1)
+                           for f in sample_fingerprints(b["id"], b["image"]))
+            for e in range(1, epochs + 1)]
+
+
 def _config(data: str, storage_uri: str, name: str, **overrides) -> TrainConfig:
     values = dict(data=data, storage=storage_uri, name=name, model="unet", model_kwargs=TINY_MODEL,
                   image_size=32, epochs=2, batch_size=4, workers=2, keep=1, max_failures=1)
@@ -271,6 +316,8 @@ def test_two_workers_train_checkpoint_and_export(trained_run, phantom_data):
     cfg, outcome, _ = trained_run
     assert outcome.trained and outcome.plan.cpus_per_worker == 1.0  # (3 CPU - 1 for Ray Data) / 2
     assert [r["epoch"] for r in outcome.history] == [1, 2]
+    # every train sample once per epoch, augmented for that epoch: what a run without Ray computes
+    assert [r["train_samples_sha256"] for r in outcome.history] == _expected_samples(cfg, 2)
     for record in outcome.history:
         assert np.isfinite(record["train_loss"]) and 0.0 <= record["val_dice"] <= 1.0
         assert record["train_images"] == 12         # the whole train split, both ranks together
@@ -335,15 +382,32 @@ def test_rerun_of_an_unfinished_run_resumes_from_storage(trained_run, tmp_path):
     3 epochs, trains only epoch 3, starting from the stored optimiser/scheduler state."""
     import shutil
 
+    from unet.artifact import load_artifact
+
     cfg, first, _ = trained_run
     shutil.copytree(Path(cfg.storage) / cfg.name, tmp_path / cfg.name)  # run dirs are relocatable
-    more = TrainConfig.from_dict({**cfg.to_dict(), "storage": str(tmp_path), "epochs": 3}, source="test")
+    # Another optimiser cannot take over the saved one's state: refused in one line, nothing trained.
+    with pytest.raises(UsageError, match=r"optimizer: 'adamw' -> 'sgd'"):
+        fit(TrainConfig.from_dict({**cfg.to_dict(), "storage": str(tmp_path), "epochs": 3, "optimizer": "sgd"},
+                                  source="test"))
+    # A new lr / weight decay is applied (not overwritten by the restored optimiser) and recorded.
+    more = TrainConfig.from_dict({**cfg.to_dict(), "storage": str(tmp_path), "epochs": 3, "lr": 5e-4,
+                                  "weight_decay": 0.0}, source="test")
     outcome = fit(more)
     assert outcome.trained and outcome.start_epoch == 3
     assert [r["epoch"] for r in outcome.history] == [1, 2, 3]
     assert outcome.history[:2] == first.history          # the first two epochs were not redone
+    # epoch 3 continues the sequence (augmentations, shard order) instead of replaying epoch 1's
+    assert outcome.history[2]["train_samples_sha256"] == _expected_samples(more, 3)[2]
+    third = outcome.history[2]
+    assert third["lr"] == pytest.approx(5e-4 * lr_factor(2, more)) and third["weight_decay"] == 0.0
+    assert third["changed"] == {"lr": [1e-3, 5e-4], "weight_decay": [1e-4, 0.0]}
     state = torch.load(tmp_path / cfg.name / "epoch-0003" / CHECKPOINT_FILE, weights_only=True)
     assert state["scheduler"]["last_epoch"] == 3
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.0
+    assert state["scheduler"]["base_lrs"] == [5e-4]
+    prov = load_artifact(outcome.artifact).config["provenance"]
+    assert prov["history"][2]["changed"]["lr"] == [1e-3, 5e-4]
 
 
 @pytest.mark.slow
@@ -361,12 +425,40 @@ def test_worker_crash_resumes_from_last_checkpoint_on_s3(two_node_cluster, phant
     assert outcome.trained
     assert outcome.start_epoch == 2          # restarted after epoch 1's checkpoint, not from scratch
     assert [r["epoch"] for r in outcome.history] == [1, 2]
+    # The restarted group's epoch 2 sees epoch 2's samples and augmentations, not epoch 1's again.
+    assert [r["train_samples_sha256"] for r in outcome.history] == _expected_samples(cfg, 2)
 
     files = [u.rsplit("/crash/", 1)[1] for u in storage.iter_files(cfg.run_uri)]
     assert "checkpoint_manager_snapshot.json" in files
     assert f"epoch-0002/{CHECKPOINT_FILE}" in files and "model/model.safetensors" in files
     assert outcome.artifact == f"{s3_env}/runs/crash/model"
     assert load_artifact(outcome.artifact).config["provenance"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_that_loads(two_node_cluster, phantom_data, tmp_path,
+                                                                      caplog):
+    """A partial upload of the latest checkpoint: the rerun says so and resumes from the one before,
+    redoing the epoch with the same samples; a run whose checkpoints all fail to load is refused
+    at once in one line (no restart loop)."""
+    import logging
+
+    cfg = _config(phantom_data, str(tmp_path), "corrupt", workers=1, keep=2)
+    fit(cfg)
+    latest = tmp_path / "corrupt" / "epoch-0002" / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a partial upload
+    with caplog.at_level(logging.WARNING, logger="unet.train"):
+        outcome = fit(cfg)
+    assert any("epoch-0002" in r.getMessage() and "cannot load" in r.getMessage()
+               and "newest checkpoint that loads" in r.getMessage() for r in caplog.records)
+    assert outcome.trained and outcome.start_epoch == 2          # from epoch 1's checkpoint
+    assert [r["epoch"] for r in outcome.history] == [1, 2]
+    assert outcome.history[1]["train_samples_sha256"] == _expected_samples(cfg, 2)[1]
+
+    for state in (tmp_path / "corrupt").glob(f"epoch-*/{CHECKPOINT_FILE}"):
+        state.unlink()  # deleted files
+    with pytest.raises(UsageError, match="no checkpoint loads .*has no train_state.pt"):
+        fit(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 3}, source="test"))
 
 
 @pytest.mark.slow
@@ -388,6 +480,8 @@ def test_resumed_train_split_continues_the_augmentation_sequence(two_node_cluste
     from unet.training import build_datasets
 
     def one_pass(ds) -> dict[str, np.ndarray]:
+        # in shard order: preserve_order makes the parallel read hand out blocks in plan order
+        ds.context.execution_options.preserve_order = True
         return {str(i): img for b in ds.iter_batches(batch_size=None, batch_format="numpy")
                 for i, img in zip(b["id"], b["image"], strict=True)}
 
@@ -395,7 +489,7 @@ def test_resumed_train_split_continues_the_augmentation_sequence(two_node_cluste
     uninterrupted = build_datasets(cfg)["train"]
     first, second = one_pass(uninterrupted), one_pass(uninterrupted)
     resumed = one_pass(build_datasets(cfg, epoch_offset=1)["train"])
-    assert sorted(resumed) == sorted(second)
+    assert list(resumed) == list(second) != list(first)  # the second epoch's shard order, not the first's
     assert all(np.array_equal(resumed[i], second[i]) for i in second)
     assert not all(np.array_equal(resumed[i], first[i]) for i in first)
 

@@ -71,6 +71,7 @@ from .codec import decode_png, encode_png
 from .inference.decode import DEFAULT_MAX_PIXELS, decode_image, describe_error
 from .inference.plan import PARQUET_SUFFIXES, TAR_SUFFIXES, fs_path, input_root
 from .inference.read import DEFAULT_MAX_BYTES
+from .runtime import UsageError
 from .safe_names import Names, Writer, file_name, is_plain_relative
 
 __all__ = ["BATCH_ROWS", "DEFAULT_SHEET_ROWS", "TABLE_ROWS", "RenderSummary", "draw_outline",
@@ -158,11 +159,11 @@ def iter_output_rows(part_uri: str) -> Iterator[dict]:
         try:
             pf = pq.ParquetFile(f)
         except pa.ArrowInvalid as e:
-            raise ValueError(f"{part_uri}: not a readable Parquet file ({e}); is it an output of jobs.infer?") from e
+            raise UsageError(f"{part_uri}: not a readable Parquet file ({e}); is it an output of jobs.infer?") from e
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ValueError(f"{part_uri}: no column(s) {missing}; not an output of jobs.infer "
+            raise UsageError(f"{part_uri}: no column(s) {missing}; not an output of jobs.infer "
                              f"(its columns are {names})")
         columns = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in names]
         try:
@@ -170,7 +171,7 @@ def iter_output_rows(part_uri: str) -> Iterator[dict]:
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                     yield from batch.to_pylist()
         except pa.ArrowInvalid as e:
-            raise ValueError(f"{part_uri}: damaged Parquet data ({e})") from e
+            raise UsageError(f"{part_uri}: damaged Parquet data ({e})") from e
 
 
 # --- images for the overlays -------------------------------------------------------------------
@@ -315,10 +316,10 @@ td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-a
 
 def _check_target(to: str) -> None:
     if "://" in to and not to.startswith("file://"):
-        raise ValueError(f"--to {to}: expected a local folder (it is created if missing)")
+        raise UsageError(f"--to {to}: expected a local folder (it is created if missing)")
     path = storage.get_filesystem(to)[1]
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--to {to} is a file; expected a folder (it is created if missing)")
+        raise UsageError(f"--to {to} is a file; expected a folder (it is created if missing)")
 
 
 def render(masks: str, to: str, *, images: str | None = None, limit: int | None = None,
@@ -333,17 +334,17 @@ def render(masks: str, to: str, *, images: str | None = None, limit: int | None 
         limit: read only the first ``limit`` rows (parts in listing order, rows in part order).
         sheet_rows: rows on the contact sheet; default ``limit``, else :data:`DEFAULT_SHEET_ROWS`.
 
-    Raises ``ValueError`` / :class:`unet.storage.StorageError` for bad use (no such output, no
+    Raises :class:`unet.runtime.UsageError` / :class:`unet.storage.StorageError` for bad use (no such output, no
     parts, ``to`` is a file, missing ``images``), before anything is written.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1; got {limit}")
+        raise UsageError(f"--limit must be >= 1; got {limit}")
     sheet_rows = (limit if limit is not None else DEFAULT_SHEET_ROWS) if sheet_rows is None else sheet_rows
     _check_target(to)
     parts = list_output_parts(masks)
     first = next(parts, None)
     if first is None:
-        raise ValueError(f"inference output {masks} holds no Parquet parts (part-*.parquet); is it the "
+        raise UsageError(f"inference output {masks} holds no Parquet parts (part-*.parquet); is it the "
                          f"--output of jobs.infer?")
     source = _Images(images) if images is not None else None
 

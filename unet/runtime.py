@@ -21,7 +21,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["PROGRESS_EVERY_S", "VERBOSE_ENV", "ProgressLine", "UsageError", "configure_output", "init_ray",
+__all__ = ["PROGRESS_EVERY_S", "SUBMITTED_JOB_ENV", "VERBOSE_ENV", "ProgressLine", "UsageError", "cluster_scope",
+           "configure_output", "init_ray", "require_driver_cpus", "require_shared_paths",
            "is_quiet", "local_ray_options", "quiet_native_stderr", "ray_logs_dir", "require_cuda"]
 
 VERBOSE_ENV = "UNET_VERBOSE"
@@ -33,8 +34,11 @@ _verbose: bool | None = None
 _saved_ray_data: dict = {}
 
 
-class UsageError(Exception):
-    """Bad use that is not about one argument's value: e.g. the cluster cannot fit the request."""
+class UsageError(ValueError):
+    """Bad use: a bad flag or setting, an unknown model, a cluster that cannot fit the request.
+
+    ``unet.cli.run_main`` shows it as one line with exit code 2. A ``ValueError``, so code and
+    tests that check a bad value with ``except ValueError`` still catch it."""
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool | None = None) -> bool:
@@ -113,6 +117,81 @@ def require_cuda(gpus: float, flag: str) -> None:
                          f"({seen['host']}), but "
                          f"torch {seen['torch']} there sees no CUDA device; install a CUDA build of torch on "
                          f"the GPU nodes or run without {flag}")
+
+
+# Ray's job supervisor sets this for every `ray job submit` entrypoint (ray/_private/runtime_env/constants.py).
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def cluster_scope(address: str | None = None) -> str | None:
+    """Why this job's files must be on shared storage, or None when one machine does everything.
+
+    A job submitted with ``ray job submit`` runs its driver on some cluster node, in a fresh working
+    directory (``runs/`` is not uploaded), and its tasks on others; a Ray that spans more than one
+    node spreads tasks over them. Either way a local path means a different folder, or none, on
+    each node. The Ray looked at: the one this process is connected to, else the cluster at
+    ``address`` (default ``$RAY_ADDRESS``; joined for a moment to count its nodes), else none (a
+    private local Ray has one node).
+    """
+    if os.environ.get(SUBMITTED_JOB_ENV):
+        return "was submitted with `ray job submit`: its driver and tasks run on cluster nodes"
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    # http(s):// is the job API of a cluster this process is not part of (the laptop of
+    # docs/operations.md): work done here stays here.
+    joined = not ray.is_initialized() and address not in ("", "local") and not address.startswith("http")
+    if not ray.is_initialized() and not joined:
+        return None
+    if joined:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except ConnectionError:  # no cluster there: this job will run on its own (or fail saying so)
+            return None
+    try:
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    finally:
+        if joined:
+            ray.shutdown()
+    return f"runs on a Ray cluster of {alive} nodes" if alive > 1 else None
+
+
+def require_shared_paths(paths: dict[str, str | None], address: str | None = None) -> None:
+    """Refuse, in one line, a local path among ``{flag: uri}`` when :func:`cluster_scope` says the
+    job's files must be shared. ``s3://`` is shared; so is ``file:///abs/path``, which says "every
+    node mounts this path" (NFS, EFS); a plain or relative path is not."""
+    if all(not uri or _is_shared(uri) for uri in paths.values()):
+        return  # nothing to refuse: no need to look at the cluster
+    scope = cluster_scope(address)
+    if scope is None:
+        return
+    for flag, uri in paths.items():
+        if uri and not _is_shared(uri):
+            raise UsageError(f"{flag} {uri}: a local path, but this job {scope}. Use a shared URI: "
+                             f"s3://bucket/prefix (or file:///abs/path for a file system every node mounts there)")
+
+
+def _is_shared(uri: str) -> bool:
+    from .storage import is_shared
+
+    return is_shared(uri)
+
+
+def require_driver_cpus(job: str) -> None:
+    """A submitted job whose driver does the work itself (``jobs.prepare``, ``jobs.evaluate``) must
+    not run on a node that advertises no CPUs: that is the operator saying "no work here"
+    (``cluster.yaml``'s head). Ray places the entrypoint on the head unless it asks for resources."""
+    if not os.environ.get(SUBMITTED_JOB_ENV):
+        return
+    import ray
+
+    init_ray()
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node_id), 0)
+    if cpus <= 0:
+        raise UsageError(f"{job} does its work in the driver, and this driver runs on a node with no CPUs for "
+                         f"work (the head). Submit it with `ray job submit --entrypoint-num-cpus 4 ...` so Ray "
+                         f"runs it on a worker node")
 
 
 # ---------------------------------------------------------------------------------------------

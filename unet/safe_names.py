@@ -17,6 +17,7 @@ import stat
 import uuid
 
 from . import storage
+from .runtime import UsageError
 from .inference.plan import IMAGE_SUFFIXES
 
 __all__ = ["MAX_NAME_BYTES", "Names", "Writer", "file_name", "is_plain_relative", "safe_relpath"]
@@ -143,7 +144,7 @@ class Writer:
             except FileExistsError:
                 # A link could lead outside the folder; a file cannot hold files.
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    raise ValueError(f"{path} exists and is not a folder (a file or a symbolic link); "
+                    raise UsageError(f"{path} exists and is not a folder (a file or a symbolic link); "
                                      f"refusing to write through it: render into an empty folder") from None
             self._checked.add(done)
         return path

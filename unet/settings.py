@@ -4,6 +4,9 @@
 evaluation, inference, calibration and the benchmarks take every value from it. Post-processing
 (``config["postprocess"]``, written by ``jobs.calibrate`` from the validation split) is optional:
 without it a model thresholds its probabilities at ``threshold`` and nothing else.
+
+A value that fails a check raises :class:`unet.runtime.UsageError` (a ``ValueError``): the values
+come from the user's flags or from the artifact they named, so a job reports it in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
+
+from .runtime import UsageError
 
 __all__ = ["POSTPROCESS_DEFAULTS", "ModelSettings", "check_architecture", "check_input_size",
            "check_normalization", "check_postprocess", "check_threshold"]
@@ -28,7 +33,7 @@ def check_input_size(value, where: str) -> list[int]:
         or len(value) != 2
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)
     ):
-        raise ValueError(
+        raise UsageError(
             f"{where}input_size must be (height, width) as two positive ints, e.g. (128, 128); got {value!r}"
         )
     return [int(v) for v in value]
@@ -36,19 +41,19 @@ def check_input_size(value, where: str) -> list[int]:
 
 def check_normalization(value, where: str) -> dict:
     if not isinstance(value, dict) or set(value) != {"mean", "std"}:
-        raise ValueError(f"{where}normalization must be a dict with exactly 'mean' and 'std'; got {value!r}")
+        raise UsageError(f"{where}normalization must be a dict with exactly 'mean' and 'std'; got {value!r}")
     for key in ("mean", "std"):
         v = value[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{where}normalization[{key!r}] must be a finite number; got {v!r}")
+            raise UsageError(f"{where}normalization[{key!r}] must be a finite number; got {v!r}")
     if value["std"] <= 0:
-        raise ValueError(f"{where}normalization['std'] must be > 0; got {value['std']!r}")
+        raise UsageError(f"{where}normalization['std'] must be > 0; got {value['std']!r}")
     return {"mean": float(value["mean"]), "std": float(value["std"])}
 
 
 def check_threshold(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
-        raise ValueError(f"{where}threshold must be a probability in (0, 1), e.g. 0.5; got {value!r}")
+        raise UsageError(f"{where}threshold must be a probability in (0, 1), e.g. 0.5; got {value!r}")
     return float(value)
 
 
@@ -56,7 +61,7 @@ def check_architecture(value, where: str) -> str:
     from .models import ARCHITECTURES  # here, not at the top: inference's torch-free steps import this module
 
     if value not in ARCHITECTURES:
-        raise ValueError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
+        raise UsageError(f"{where}unknown architecture {value!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
     return value
 
 
@@ -93,7 +98,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not self.architecture:
-            raise ValueError(f"architecture must be a non-empty string; got {self.architecture!r}")
+            raise UsageError(f"architecture must be a non-empty string; got {self.architecture!r}")
         normalization = check_normalization({"mean": self.mean, "std": self.std}, "")
         object.__setattr__(self, "input_size", tuple(check_input_size(self.input_size, "")))
         object.__setattr__(self, "mean", normalization["mean"])
@@ -148,16 +153,16 @@ def _check_postprocess(key: str, value, where: str):
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{where}postprocess.gate_threshold must be a probability in [0, 1) or null; "
+            raise UsageError(f"{where}postprocess.gate_threshold must be a probability in [0, 1) or null; "
                              f"got {value!r}")
         return float(value)
     if key == "min_area":
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{where}postprocess.min_area must be a fraction of the image in [0, 1), "
+            raise UsageError(f"{where}postprocess.min_area must be a fraction of the image in [0, 1), "
                              f"e.g. 0.002; got {value!r}")
         return float(value)
     if not isinstance(value, bool):
-        raise ValueError(f"{where}postprocess.{key} must be true or false; got {value!r}")
+        raise UsageError(f"{where}postprocess.{key} must be true or false; got {value!r}")
     return value
 
 
@@ -165,10 +170,10 @@ def check_postprocess(values, where: str, partial: bool = False) -> dict:
     """``config["postprocess"]`` checked and completed with :data:`POSTPROCESS_DEFAULTS` (or, with
     ``partial``, only the keys given)."""
     if not isinstance(values, dict):
-        raise ValueError(f"{where}postprocess must be a JSON object; got {values!r}")
+        raise UsageError(f"{where}postprocess must be a JSON object; got {values!r}")
     unknown = sorted(set(values) - set(POSTPROCESS_DEFAULTS) - ({"threshold"} if partial else set()))
     if unknown:
-        raise ValueError(f"{where}postprocess has unknown key(s) {', '.join(unknown)}; "
+        raise UsageError(f"{where}postprocess has unknown key(s) {', '.join(unknown)}; "
                          f"known: {', '.join(POSTPROCESS_DEFAULTS)}")
     base = {} if partial else dict(POSTPROCESS_DEFAULTS)
     return base | {k: (v if k == "threshold" else _check_postprocess(k, v, where)) for k, v in values.items()}

@@ -9,7 +9,14 @@ in one place:
 * credentials: ``access_key``/``secret_key`` arguments, else ``AWS_ACCESS_KEY_ID`` /
   ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``); unset = the AWS SDK's own chain
   (``~/.aws/credentials``, instance metadata).
-* region: ``region`` argument, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+* region: ``region`` argument, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else the ``region``
+  of the AWS profile (``AWS_PROFILE``, ``~/.aws/config``), else the bucket's own answer (AWS:
+  ``pyarrow.fs.resolve_s3_region``; another endpoint: its ``x-amz-bucket-region`` header or
+  ``GetBucketLocation``, where no location constraint means ``us-east-1`` by S3's definition).
+  Never a silent default: a bucket that cannot be asked raises :class:`StorageError`.
+* retries: ``AWS_MAX_ATTEMPTS`` (attempts in all, first one included) and ``AWS_RETRY_MODE``
+  (``standard``, ``legacy``; ``adaptive`` is retried as ``standard``: pyarrow has no client-side
+  rate limiter), else the profile's ``max_attempts``/``retry_mode``, else standard with 3 attempts.
 
 The file systems are pyarrow's, because Parquet I/O and Ray Data (``read_parquet(...,
 filesystem=fs)``) take them directly and they pickle to Ray workers with their settings.
@@ -28,7 +35,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import os
 import posixpath
 import re
@@ -38,12 +47,17 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-DEFAULT_REGION = "us-east-1"
+from .runtime import UsageError
+
+# What the AWS SDKs' "standard" retry mode does when nothing is configured.
+DEFAULT_RETRY_MODE, DEFAULT_MAX_ATTEMPTS = "standard", 3
+RETRY_MODES = ("standard", "legacy", "adaptive")
+logger = logging.getLogger("unet.storage")
 
 # Shown in every S3 error so users know what to check without reading this module.
 _S3_SETTINGS_HINT = (
     "Check the endpoint (--endpoint or AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the credentials "
-    "(--access-key/--secret-key or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the region "
+    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, --profile or --credentials-file) and the region "
     "(--region or AWS_REGION / AWS_DEFAULT_REGION)."
 )
 
@@ -73,12 +87,15 @@ class S3Settings:
     access_key: str | None
     secret_key: str | None
     session_token: str | None
-    region: str
+    region: str | None  # None: ask the bucket (resolve_region)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_mode: str = DEFAULT_RETRY_MODE
 
     def __repr__(self) -> str:  # never leak the secret through logs or tracebacks
         return (f"S3Settings(endpoint={self.endpoint!r}, scheme={self.scheme!r}, "
                 f"access_key={'set' if self.access_key else None}, "
-                f"secret_key={'***' if self.secret_key else None}, region={self.region!r})")
+                f"secret_key={'***' if self.secret_key else None}, region={self.region!r}, "
+                f"retries={self.retry_mode}/{self.max_attempts})")
 
     @property
     def endpoint_url(self) -> str | None:
@@ -88,6 +105,12 @@ class S3Settings:
 def is_s3(uri: str) -> bool:
     """True for ``s3://`` URIs."""
     return str(uri).startswith("s3://")
+
+
+def is_shared(uri: str) -> bool:
+    """True for URIs every node of a cluster reads alike: ``s3://``, and ``file://`` (by which the
+    user says the path is a mount every node has). A plain or relative path is this machine's own."""
+    return is_s3(uri) or str(uri).startswith("file://")
 
 
 def resolve_s3_settings(*, endpoint: str | None = None, access_key: str | None = None,
@@ -108,25 +131,116 @@ def resolve_s3_settings(*, endpoint: str | None = None, access_key: str | None =
     if bool(access_key) != bool(secret_key):
         raise StorageError(
             "S3 credentials are incomplete: an access key was given without a secret key or the other "
-            "way round. Set both --access-key and --secret-key, or both AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY.")
-    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
-    return S3Settings(endpoint, scheme, access_key, secret_key, session_token, region)
+            "way round. Set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither (then a "
+            "profile, --credentials-file or the instance's role).")
+    profile = _profile_config()
+    region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or profile.get("region") or None
+    retry_mode = (env.get("AWS_RETRY_MODE") or profile.get("retry_mode") or DEFAULT_RETRY_MODE).strip().lower()
+    if retry_mode not in RETRY_MODES:
+        raise UsageError(f"AWS_RETRY_MODE (or retry_mode in the AWS profile) is {retry_mode!r}; "
+                           f"expected one of {', '.join(RETRY_MODES)}")
+    attempts = env.get("AWS_MAX_ATTEMPTS") or profile.get("max_attempts") or str(DEFAULT_MAX_ATTEMPTS)
+    if not attempts.strip().isdigit() or int(attempts) < 1:
+        raise UsageError(f"AWS_MAX_ATTEMPTS (or max_attempts in the AWS profile) is {attempts!r}; "
+                           "expected a whole number >= 1 (attempts in all, the first one included)")
+    return S3Settings(endpoint, scheme, access_key, secret_key, session_token, region, int(attempts), retry_mode)
+
+
+def _profile_config() -> dict:
+    """The AWS profile's settings (``AWS_PROFILE``, else ``default``, from ``AWS_CONFIG_FILE`` or
+    ``~/.aws/config``), as the AWS SDKs read them; empty when there is no such file."""
+    env = os.environ
+    path = os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = None
+    # Read once per profile and file version: every storage call resolves its settings.
+    return _read_profile_config(env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE"), path, mtime)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_profile_config(profile: str | None, path: str, mtime: int | None) -> dict:
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        return botocore.session.Session().get_scoped_config()
+    except botocore.exceptions.ProfileNotFound as e:
+        raise UsageError(f"{e}: AWS_PROFILE (or --profile) names a profile that "
+                           f"{os.environ.get('AWS_CONFIG_FILE', '~/.aws/config')} does not have") from e
+
+
+def resolve_region(settings: S3Settings, bucket: str) -> str:
+    """The region to sign requests for ``bucket`` with: the configured one, else the bucket's own."""
+    return settings.region or _bucket_region(settings, bucket)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(settings: S3Settings, bucket: str) -> str:
+    # Asked once per bucket and settings (one HEAD request), and said once.
+    region = _ask_bucket_region(settings, bucket)
+    logger.debug("bucket %s: region %s, as the store reports it (AWS_REGION or --region overrides)", bucket, region)
+    return region
+
+
+def _ask_bucket_region(settings: S3Settings, bucket: str) -> str:
+    # Raises OSError; s3_settings names the URI and what to check.
+    if not settings.endpoint:
+        return pafs.resolve_s3_region(bucket)
+    import botocore.config
+    import botocore.session
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    # Any region signs the question; a server bound to another one still names its own in the
+    # x-amz-bucket-region header of its refusal.
+    client = botocore.session.get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url=settings.endpoint_url,
+        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        config=botocore.config.Config(retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+                                      connect_timeout=5, s3={"addressing_style": "path"}))
+    try:
+        try:
+            response = client.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            response = e.response
+        region = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+        if region:
+            return region
+        # No header (SeaweedFS, some MinIO set-ups): GetBucketLocation, where an empty answer is
+        # us-east-1 by S3's definition ("buckets in us-east-1 have a LocationConstraint of null").
+        return client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or "us-east-1"
+    except (BotoCoreError, ClientError) as e:
+        raise OSError(str(e)) from e
 
 
 @functools.lru_cache(maxsize=16)
 def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     # Cached because creating an S3 client costs a few ms and every helper call needs one;
     # the key is the full resolved settings, so changing the environment gives a new client.
+    retry = pafs.AwsDefaultS3RetryStrategy if settings.retry_mode == "legacy" else pafs.AwsStandardS3RetryStrategy
     kwargs = dict(region=settings.region, scheme=settings.scheme,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-                  connect_timeout=5.0)
+                  retry_strategy=retry(max_attempts=settings.max_attempts), connect_timeout=5.0)
     if settings.endpoint:
         kwargs["endpoint_override"] = settings.endpoint
     if settings.access_key:
         kwargs.update(access_key=settings.access_key, secret_key=settings.secret_key,
                       session_token=settings.session_token)
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_settings(uri: str, **storage_kw) -> S3Settings:
+    """:func:`resolve_s3_settings` with the region of ``uri``'s bucket filled in."""
+    settings = resolve_s3_settings(**storage_kw)
+    if settings.region:
+        return settings
+    try:
+        region = resolve_region(settings, _bucket(uri))
+    except OSError as e:
+        raise translate_error(uri, OSError(f"cannot find the bucket's region (set AWS_REGION or --region to "
+                                           f"skip asking): {e}"), "reach", _settings=settings) from e
+    return dataclasses.replace(settings, region=region)
 
 
 def get_filesystem(uri: str, *, endpoint: str | None = None, access_key: str | None = None,
@@ -143,8 +257,8 @@ def get_filesystem(uri: str, *, endpoint: str | None = None, access_key: str | N
         path = uri[len("s3://"):].strip("/")
         if not path:
             raise ValueError(f"S3 URI {uri!r} names no bucket; expected s3://bucket/prefix")
-        settings = resolve_s3_settings(endpoint=endpoint, access_key=access_key,
-                                       secret_key=secret_key, region=region)
+        settings = s3_settings(uri, endpoint=endpoint, access_key=access_key, secret_key=secret_key,
+                               region=region)
         return _s3_filesystem(settings), path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -161,8 +275,7 @@ def fsspec_options(uri: str, *, endpoint: str | None = None, access_key: str | N
     """
     if not is_s3(uri):
         return {}
-    s = resolve_s3_settings(endpoint=endpoint, access_key=access_key, secret_key=secret_key,
-                            region=region)
+    s = s3_settings(uri, endpoint=endpoint, access_key=access_key, secret_key=secret_key, region=region)
     options: dict = {"client_kwargs": {"region_name": s.region}}
     if s.endpoint_url:
         options["endpoint_url"] = s.endpoint_url
@@ -170,6 +283,8 @@ def fsspec_options(uri: str, *, endpoint: str | None = None, access_key: str | N
         options.update(key=s.access_key, secret=s.secret_key)
         if s.session_token:
             options["token"] = s.session_token
+    options["config_kwargs"] = {"retries": {"total_max_attempts": s.max_attempts,
+                                            "mode": "standard" if s.retry_mode == "adaptive" else s.retry_mode}}
     return options
 
 
@@ -192,7 +307,7 @@ def _to_uri(original: str, path: str) -> str:
 _DENIED = ("ACCESS_DENIED", "AccessDenied", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID",
            "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403", "Forbidden")
 _NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '", "bucket does not exist")
-_UNREACHABLE = ("NETWORK_CONNECTION", "Couldn't connect", "curlCode", "Connection refused",
+_UNREACHABLE = ("NETWORK_CONNECTION", "Couldn't connect", "Could not connect", "curlCode", "Connection refused",
                 "Could not resolve", "Timeout was reached", "Failed to connect")
 
 
@@ -222,8 +337,9 @@ def translate_error(uri: str, error: OSError, action: str, **storage_kw) -> OSEr
         if isinstance(error, PermissionError):
             return StoragePermissionError(f"cannot {action} {uri}: permission denied ({error})")
         return StorageError(f"cannot {action} {uri}: {error}")
+    settings = storage_kw.pop("_settings", None)
     try:
-        settings = resolve_s3_settings(**storage_kw)
+        settings = settings or resolve_s3_settings(**storage_kw)
     except StorageError:
         settings = None
     detail = _scrub(str(error), settings)
@@ -351,7 +467,9 @@ def iter_files(uri: str, suffixes: str | Iterable[str] | None = None, **storage_
     botocore's paginator, no delimiter), locally one directory's names at a time, so a prefix with
     millions of objects is never held in memory. Order: the store's listing order on S3 (full
     keys in byte order on AWS; some S3-compatible servers list folder by folder), full paths in
-    lexicographic order locally. Hidden temporaries written by :func:`write_bytes`
+    lexicographic order locally. Locally, links to files are listed like files and links to
+    folders are not followed (logged once), so a link loop or a link to ``/`` cannot run away
+    and a linked folder is not listed a second time. Hidden temporaries written by :func:`write_bytes`
     (``.name.tmp-*``) and S3 folder markers are skipped. A missing directory or prefix raises
     :class:`StorageNotFoundError`.
     """
@@ -381,7 +499,9 @@ def _s3_client(settings: S3Settings):
     import botocore.config
     import botocore.session
 
-    config = botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
+    mode = "standard" if settings.retry_mode == "adaptive" else settings.retry_mode
+    config = botocore.config.Config(retries={"total_max_attempts": settings.max_attempts, "mode": mode},
+                                    connect_timeout=5,
                                     s3={"addressing_style": "path"} if settings.endpoint else None)
     return botocore.session.get_session().create_client(
         "s3", region_name=settings.region, endpoint_url=settings.endpoint_url if settings.endpoint else None,
@@ -394,7 +514,7 @@ def _iter_s3_keys(uri: str, root: str, storage_kw: dict) -> Iterator[str]:
 
     bucket, _, key = root.partition("/")
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    pages = _s3_client(resolve_s3_settings(**storage_kw)).get_paginator("list_objects_v2").paginate(
+    pages = _s3_client(s3_settings(uri, **storage_kw)).get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": S3_LIST_PAGE})
     try:
         for page in pages:
@@ -405,14 +525,29 @@ def _iter_s3_keys(uri: str, root: str, storage_kw: dict) -> Iterator[str]:
         raise translate_error(uri, OSError(str(e)), "list", **storage_kw) from e
 
 
-def _walk_local(uri: str, directory: str) -> Iterator[str]:
+def _walk_local(uri: str, directory: str, skipped: list[str] | None = None) -> Iterator[str]:
+    # Links to folders are not followed: a link loop would never end, a link to / would walk the
+    # host, and a linked folder would list its files twice. Links to files are files.
+    top = skipped is None
+    skipped = [] if top else skipped
     # Names sorted with a "/" after each folder's name give full paths in lexicographic order.
     with errors(uri, "list"):
         with os.scandir(directory) as entries:
-            names = sorted((e.name + "/" if e.is_dir() else e.name) for e in entries)
+            names = []
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    names.append(e.name + "/")
+                elif e.is_symlink() and e.is_dir():
+                    skipped.append(posixpath.join(directory, e.name))
+                else:
+                    names.append(e.name)
+            names.sort()
     for name in names:
         path = posixpath.join(directory, name.rstrip("/"))
         if name.endswith("/"):
-            yield from _walk_local(uri, path)
+            yield from _walk_local(uri, path, skipped)
         else:
             yield path
+    if top and skipped:
+        logger.info("listing %s: did not follow %d link(s) to folders (links to folders are never "
+                    "followed), e.g. %s", uri, len(skipped), skipped[0])

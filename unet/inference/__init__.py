@@ -20,8 +20,9 @@ row.
 
 Read it with ``pandas.read_parquet(output)``, ``duckdb.sql("select * from '<output>/*.parquet'")``
 or ``pyarrow.dataset.dataset(output)``; files and folders starting with ``_`` are bookkeeping
-(``_tmp/`` while running, ``_runs/`` one JSON record per run) and those readers skip them. pandas
-turns the nullable integer columns into floats unless given ``dtype_backend="pyarrow"``.
+(``_tmp/<run id>/`` and the run's lease ``_lease.json`` while running, ``_runs/`` one JSON record
+per run; :mod:`unet.inference.lease`) and those readers skip them. pandas turns the nullable
+integer columns into floats unless given ``dtype_backend="pyarrow"``.
 Files matching ``exclude`` globs, and the output folder itself when it lies inside the input,
 are not inputs.
 
@@ -46,7 +47,7 @@ Nothing lost, nothing twice — the design:
   exactly one output file named ``part-<sha1 of the chunk's unit keys>.parquet``, so the same
   input gives the same file names and a rerun overwrites instead of duplicating.
 * **Bounded memory.** The driver never holds the listing: it writes the plan (one small row per
-  image file / tar / Parquet row range) to ``<output>/_tmp/plan-<run>/`` as Parquet, and Ray Data
+  image file / tar / Parquet row range) to ``<output>/_tmp/<run id>/plan/`` as Parquet, and Ray Data
   streams it through read/decode tasks -> a model actor pool -> post-processing tasks. The driver
   collects the post-processed rows (masks are small PNGs) per chunk and writes a part as soon as
   all of its rows are in, so it holds only the chunks in flight. A tar is one chunk, so keep
@@ -69,14 +70,27 @@ Nothing lost, nothing twice — the design:
   — full or incremental — is completed by rerunning with ``incremental=True``. With
   ``retry_errors=True`` parts that contain error rows are deleted first and their inputs redone.
   Inputs are keyed by path: a file changed in place is not redone incrementally (run a full run).
-  Nor is an input whose part was made by another model or with other post-processing (the
-  footers record both): the run logs a warning naming them, and a full run redoes everything.
+  Each part's footer also records the model, the input root and the settings that change a mask
+  (threshold, gate threshold, min area, TTA, largest component); an incremental run against an
+  output whose parts differ in any of them refuses in one line (:class:`unet.runtime.UsageError`)
+  before touching it: matching paths under another root are not the same files, and masks made
+  two ways cannot be told apart. A full run redoes everything (parts from versions that did not
+  record these are not compared).
 
-Error rows (the job goes on): unreadable file, zero-byte file, bytes that are not an image,
-truncated image, an image over ``max_pixels`` (decompression bombs; checked from the header,
-before decoding) or a file/member over ``max_bytes``, a tar member whose path is absolute or
-contains ``..``, a tar member that is a link, a duplicate member name, an unreadable tar (one row
-named after the archive), a null image or id in a Parquet row. Only one job may write to an output
+Error rows (the job goes on): unreadable file, zero-byte file, bytes that are not an image or an
+image in another format than PNG, JPEG, BMP or TIFF (an ``.ico`` or EPS named ``.png`` is never
+opened), truncated image, an image or a frame inside it over ``max_pixels`` (decompression bombs;
+checked from the header, before decoding, and Pillow's own limit is set to the same) or a
+file/member/Parquet image cell over ``max_bytes``, a tar member whose path is absolute or contains
+``..``, a tar member that is a link, a duplicate member name, an unreadable tar (one row named
+after the archive), a zero-byte or corrupt Parquet file (one row, ``image_id`` the file's path), a
+null image or id in a Parquet row. Reads that fail transiently (reset connection, timeout, 5xx)
+are retried from the same byte up to 3 attempts (:class:`unet.inference.read.RetryingReader`);
+only what still fails becomes an error row. File and tar member names that are not UTF-8 are
+inputs like any other: their ``image_id`` writes each byte that is not UTF-8 as ``%XX`` and ``%``
+as ``%25`` (``urllib.parse.unquote_to_bytes(image_id)`` gives the bytes back). In local folders,
+links to files are read as files and links to folders are not followed (no loops, no walking
+``/``, no file listed twice through a linked folder). Only one job may write to an output
 folder at a time.
 """
 

@@ -3,7 +3,8 @@
 :func:`decode_image` reads untrusted bytes (size limits, clear errors: :class:`DecodeError`, whose
 message ends up in the output's ``error`` column); how awkward encodings (16-bit, float, alpha,
 palette, CMYK, EXIF-rotated) become the ``(H, W) uint8`` grey image the models take is decided by
-:mod:`unet.codec`, which ``jobs.prepare`` uses for training images too.
+:mod:`unet.codec`, which ``jobs.prepare`` uses for training images too. Bytes that are a DICOM file
+(a Parquet cell, say) are read by :mod:`unet.dicom`, when they hold one frame.
 
 Example:
     >>> import io, numpy as np
@@ -23,8 +24,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..codec import image_pixels
+from ..dicom import DicomError, has_dicom_marker, read_dicom
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DecodeError", "decode_image", "describe_error"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "DecodeError", "decode_image", "describe_error"]
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 7000 x 7000 image; ultrasound frames are < 1 MP
 
@@ -33,17 +35,29 @@ class DecodeError(ValueError):
     """An input that is not a usable image; the message becomes the row's ``error``."""
 
 
+# The formats the job documents. Image.open would otherwise try every format Pillow knows, and some
+# do real work while merely opening: ICO decodes its largest frame (an 8000 x 8000 PNG inside a
+# 62 KB icon) before any size can be checked, EPS runs Ghostscript where it is installed.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+
+
 @contextlib.contextmanager
-def _no_pil_pixel_limit():
-    # PIL's own bomb guard raises above 2 x MAX_IMAGE_PIXELS and only warns above 1 x; we check
-    # the header size against max_pixels ourselves (before any pixel is decoded), so switch
-    # PIL's off while decoding to make our limit the one that applies, in either direction.
+def _pil_pixel_limit(max_pixels: int):
+    # PIL checks every size it meets (the image, and frames or tiles inside it) against
+    # 2 x MAX_IMAGE_PIXELS and only warns above 1 x; half of max_pixels makes PIL's own hard limit
+    # the same as ours. We also check the header size ourselves, for a message that names the flag.
     previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    Image.MAX_IMAGE_PIXELS = max_pixels / 2
     try:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def _bomb(error: Exception, max_pixels: int) -> DecodeError:
+    size = error.args[0].split(" pixels)")[0].split("(")[-1] if error.args else "?"
+    return DecodeError(f"image (or a frame inside it) has {size} pixels, over the limit of {max_pixels} "
+                       f"(max_pixels / --max-pixels); possible decompression bomb")
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -51,17 +65,29 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     Raises:
         DecodeError: empty input, not an image, truncated/corrupt data, or more than
-            ``max_pixels`` pixels (checked from the header, before decoding).
+            ``max_pixels`` pixels (checked from the header, before decoding), or a format other
+            than PNG, JPEG, BMP and TIFF (:data:`FORMATS`) and single-frame DICOM.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with _no_pil_pixel_limit(), warnings.catch_warnings():
+    if has_dicom_marker(data):
+        try:
+            frames, _ = read_dicom(data, max_pixels=max_pixels)
+        except DicomError as e:
+            raise DecodeError(str(e)) from e
+        if len(frames) != 1:
+            raise DecodeError(f"multi-frame DICOM ({len(frames)} frames) where one image is expected; as a file "
+                              f"or a tar member each frame is a row")
+        return frames[0]
+    with _pil_pixel_limit(max_pixels), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns about odd EXIF/metadata; the result is what counts
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError as e:
             raise DecodeError(f"not a readable image (PNG, JPEG, BMP or TIFF expected; first bytes "
                               f"{data[:8]!r})") from e
+        except Image.DecompressionBombError as e:
+            raise _bomb(e, max_pixels) from e
         width, height = img.size
         if width * height > max_pixels:
             raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
@@ -70,12 +96,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             raise DecodeError(f"image has no pixels ({width}x{height})")
         try:
             grey = image_pixels(img)  # EXIF orientation, then the grey rules
+        except Image.DecompressionBombError as e:  # a frame or tile inside the image is too large
+            raise _bomb(e, max_pixels) from e
         except Exception as e:  # noqa: BLE001 - any decoder failure means this input is unusable
             raise DecodeError(f"cannot decode {img.format or 'image'} data: {type(e).__name__}: {e}") from e
     return grey
 
 
 def describe_error(error: BaseException) -> str:
-    if isinstance(error, DecodeError):
+    if isinstance(error, (DecodeError, DicomError)):
         return str(error)
     return f"{type(error).__name__}: {error}"

@@ -1,30 +1,38 @@
 """Worker side, model and post-processing stages (Ray Data actor pool, then tasks).
 
 :class:`Predictor` turns the uint8 model-size images into foreground probabilities (and, for a
-model with an image-level head, each image's lesion and malignancy probabilities);
-:func:`postprocess` resizes them back to each image's original size, applies the model's
-post-processing (:func:`unet.postprocess.final_mask`), measures and PNG-encodes the mask,
-producing output rows (:data:`unet.inference.output.OUTPUT_SCHEMA`).
+model with an image-level head, each image's lesion and malignancy probabilities), with PyTorch
+or with ONNX Runtime running the exported graph (:data:`BACKENDS`); :func:`postprocess` resizes
+them back to each image's original size, applies the model's post-processing
+(:func:`unet.postprocess.final_mask`), measures and PNG-encodes the mask (and, if asked, the
+probability map), producing output rows (:data:`unet.inference.output.OUTPUT_SCHEMA`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import math
+import time
 
 import numpy as np
 import pyarrow as pa
 
 from .. import faults
-from ..codec import encode_mask_png
+from ..codec import encode_mask_png, encode_png
 from ..postprocess import final_mask, image_probabilities
 from ..transforms import normalize, resize_probability, single_threaded_opencv
 from .decode import describe_error
-from .output import PIPELINE_SCHEMA
+from .output import pipeline_schema
 
-__all__ = ["MASK_RULE_KEYS", "Predictor", "encode_mask_png", "mask_statistics", "postprocess",
-           "postprocess_probability"]
+__all__ = ["BACKENDS", "MASK_RULE_KEYS", "Predictor", "backend_model", "encode_mask_png", "encode_probability_png",
+           "mask_statistics", "postprocess", "postprocess_probability"]
+
+logger = logging.getLogger("unet.inference")
+
+# What runs the network in the model actors: PyTorch, or ONNX Runtime on the exported graph.
+BACKENDS = ("torch", "onnxruntime")
 
 # The ModelSettings values that turn a probability map into a mask (tta acts in the model actor).
 # The post-processing tasks get them as a plain dict: unpickling a ModelSettings would import
@@ -32,11 +40,31 @@ __all__ = ["MASK_RULE_KEYS", "Predictor", "encode_mask_png", "mask_statistics", 
 MASK_RULE_KEYS = ("threshold", "gate_threshold", "min_area", "largest_component")
 
 
+def backend_model(loaded, backend: str):
+    """What the model actors of ``backend`` are given: the torch model, or for ``"onnxruntime"``
+    the ONNX graph exported from it (:func:`unet.export.export_onnx`), once, here on the driver."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "torch":
+        return loaded.model
+    from ..export import export_onnx
+
+    started = time.monotonic()
+    graph = export_onnx(loaded)
+    logger.info("exported %s to ONNX for onnxruntime (%.1f MB) in %.1f s", loaded.model_id, len(graph) / 1e6,
+                time.monotonic() - started)
+    return graph
+
+
 class Predictor:
     """Ray Data actor: holds the model, maps a batch of uint8 ``x`` to foreground probabilities.
 
-    The model runs with BatchNorm folded into the convolutions (:func:`unet.models.fuse_conv_bn`).
-    CPU: channels-last tensors under ``torch.inference_mode``; GPU: the same under fp16 autocast.
+    ``backend="torch"`` (default): ``model`` is the torch model; it runs with BatchNorm folded
+    into the convolutions (:func:`unet.models.fuse_conv_bn`), CPU: channels-last tensors under
+    ``torch.inference_mode``; GPU: the same under fp16 autocast. ``backend="onnxruntime"``:
+    ``model`` is the exported ONNX graph (:func:`backend_model`), run by
+    :class:`unet.export.OnnxModel` in float32 (CPU, or CUDA with ``onnxruntime-gpu``) with
+    ``num_threads`` intra-op threads; the actor then never imports torch.
     ``settings`` (:class:`unet.settings.ModelSettings`) gives the normalisation and ``tta``; the
     rows' ``x`` are already at its ``input_size``. Adds ``prob`` (model size) and, per row,
     float32 ``lesion_probability`` (1 - p(normal)) and ``malignant_probability`` from the image
@@ -46,7 +74,18 @@ class Predictor:
     prove exactly-once output under failures.
     """
 
-    def __init__(self, model, *, settings, use_gpu: bool, num_threads: int, fault_drill: dict | None = None):
+    def __init__(self, model, *, settings, use_gpu: bool, num_threads: int, fault_drill: dict | None = None,
+                 backend: str = "torch"):
+        self.settings = settings
+        self.fault_drill, self.calls = fault_drill, 0
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.onnx = None
+        if backend == "onnxruntime":
+            from ..export import OnnxModel
+
+            self.onnx = OnnxModel(model, use_gpu=use_gpu, num_threads=num_threads)
+            return
         # torch only here: this module also serves the decode/post-processing tasks, whose worker
         # processes would otherwise spend seconds of CPU importing it.
         import torch
@@ -61,11 +100,22 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
         self.model = fuse_conv_bn(model).to(self.device).to(memory_format=torch.channels_last)
-        self.settings = settings
-        self.fault_drill, self.calls = fault_drill, 0
+
+    def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (n, H, W), class probabilities (n, K) or None) for uint8 ``x`` (n, H, W)."""
+        inputs = normalize(x, self.settings.mean, self.settings.std)[:, None]
+        if self.onnx is not None:
+            p, class_prob = self.onnx.predict_proba(inputs, tta=self.settings.tta)
+            return p[:, 0], class_prob
+        torch = self.torch
+        inputs = torch.from_numpy(inputs).to(self.device).contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
+            p, class_prob = self.model.predict_proba(inputs, tta=self.settings.tta)
+        return p[:, 0].float().cpu().numpy(), None if class_prob is None else class_prob.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
         self.calls += 1
         faults.maybe_crash(self.fault_drill, "infer", self.calls)
         x = batch.pop("x")
@@ -74,15 +124,8 @@ class Predictor:
         lesion = np.full(len(x), np.nan, np.float32)
         malignant = np.full(len(x), np.nan, np.float32)
         if ok.any():
-            inputs = torch.from_numpy(normalize(x[ok], self.settings.mean, self.settings.std)[:, None])
-            inputs = inputs.to(self.device).contiguous(memory_format=torch.channels_last)
-            amp = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
-                   else contextlib.nullcontext())
-            with torch.inference_mode(), amp:
-                p, class_prob = self.model.predict_proba(inputs, tta=self.settings.tta)
-            prob[ok] = p[:, 0].float().cpu().numpy()
-            p_lesion, p_malignant = image_probabilities(
-                None if class_prob is None else class_prob.float().cpu().numpy())
+            prob[ok], class_prob = self._predict(x[ok])
+            p_lesion, p_malignant = image_probabilities(class_prob)
             if p_lesion is not None:
                 lesion[ok], malignant[ok] = p_lesion, p_malignant
         batch["prob"] = prob
@@ -118,16 +161,26 @@ def mask_statistics(mask: np.ndarray, prob: np.ndarray) -> dict:
     return {"tumour_pixels": pixels, "tumour_fraction": pixels / mask.size, "bbox": bbox, "confidence": confidence}
 
 
-def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str) -> pa.Table:
+def encode_probability_png(prob: np.ndarray) -> bytes:
+    """(H, W) probabilities in [0, 1] -> 8-bit grey PNG of ``round(prob * 255)`` (value / 255 gives
+    the probability back to within 1/510)."""
+    return encode_png(np.rint(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str,
+                save_probabilities: bool = False, dicom_columns: tuple[str, ...] = ()) -> pa.Table:
     """Ray Data UDF: probabilities -> output rows (plus the internal chunk columns).
 
     ``mask_rule``: the settings' :data:`MASK_RULE_KEYS` values, passed to
-    :func:`postprocess_probability`.
+    :func:`postprocess_probability`. ``save_probabilities``: also fill ``probability_png``
+    (:func:`encode_probability_png` of the probability at the original size); else it is null.
+    ``dicom_columns``: identifying DICOM columns the rows carry ("" = null), passed on as they are.
     """
     single_threaded_opencv()
     n = len(batch["_seq"])
     now = _dt.datetime.now(_dt.timezone.utc)
-    out: dict[str, list] = {name: [] for name in PIPELINE_SCHEMA.names}
+    schema = pipeline_schema(dicom_columns)
+    out: dict[str, list] = {name: [] for name in schema.names}
     for i in range(n):
         error = str(batch["error"][i]) or None
         seq = int(batch["_seq"][i])
@@ -135,9 +188,10 @@ def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str)
                "image_id": batch["image_id"][i], "source_uri": batch["source_uri"][i],
                "model_id": model_id, "processed_at": now, "error": error,
                "status": "error" if error is not None or seq < 0 else "ok",
-               "height": None, "width": None, "mask_png": None, "tumour_pixels": None,
+               "height": None, "width": None, "mask_png": None, "probability_png": None, "tumour_pixels": None,
                "tumour_fraction": None, "bbox": None, "confidence": None,
-               "lesion_probability": None, "malignant_probability": None}
+               "lesion_probability": None, "malignant_probability": None,
+               **{name: str(batch[name][i]) or None for name in dicom_columns}}
         if row["status"] == "ok":
             h, w = int(batch["height"][i]), int(batch["width"][i])
             lesion = float(batch["lesion_probability"][i])
@@ -146,10 +200,11 @@ def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str)
                 mask, prob = postprocess_probability(batch["prob"][i], (h, w), lesion_probability=lesion,
                                                      **mask_rule)
                 row.update(height=h, width=w, mask_png=encode_mask_png(mask), **mask_statistics(mask, prob),
+                           probability_png=encode_probability_png(prob) if save_probabilities else None,
                            lesion_probability=None if math.isnan(lesion) else lesion,
                            malignant_probability=None if math.isnan(malignant) else malignant)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for one huge image: an error row
                 row.update(status="error", error=f"post-processing failed: {describe_error(e)}")
         for name in out:
             out[name].append(row[name])
-    return pa.table(out, schema=PIPELINE_SCHEMA)
+    return pa.table(out, schema=schema)

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from .. import storage
 from .plan import Chunk
 
-__all__ = ["OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler", "delete_parts", "list_parts", "part_bytes",
-           "part_name", "read_footer"]
+__all__ = ["OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler", "delete_parts", "list_parts", "output_schema",
+           "part_bytes", "part_name", "pipeline_schema", "read_footer"]
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -29,6 +29,8 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("width", pa.int32()),
     pa.field("mask_png", pa.binary()),
+    # Only with save_probabilities (jobs.infer --save-probabilities); null otherwise and on error rows.
+    pa.field("probability_png", pa.binary()),
     pa.field("tumour_pixels", pa.int64()),
     pa.field("tumour_fraction", pa.float32()),
     pa.field("bbox", pa.list_(pa.int32())),
@@ -45,6 +47,16 @@ OUTPUT_SCHEMA = pa.schema([
 INTERNAL_FIELDS = [pa.field("_chunk", pa.string()), pa.field("_seq", pa.int64()), pa.field("_n", pa.int64())]
 PIPELINE_SCHEMA = pa.schema(INTERNAL_FIELDS + list(OUTPUT_SCHEMA))
 
+
+def output_schema(dicom_columns: Iterable[str] = ()) -> pa.Schema:
+    """:data:`OUTPUT_SCHEMA` plus the identifying DICOM columns a run asked for
+    (:data:`unet.dicom.DICOM_COLUMNS`, strings; null on rows from other files)."""
+    return pa.schema(list(OUTPUT_SCHEMA) + [pa.field(name, pa.string()) for name in dicom_columns])
+
+
+def pipeline_schema(dicom_columns: Iterable[str] = ()) -> pa.Schema:
+    return pa.schema(INTERNAL_FIELDS + list(output_schema(dicom_columns)))
+
 FORMAT_VERSION = "1"
 PART_RE = re.compile(r"^part-[0-9a-f]{40}\.parquet$")
 TMP_PART_RE = re.compile(r"^\.part-[0-9a-f]{40}\.parquet\.tmp-")  # unet.storage.write_bytes temporaries
@@ -54,6 +66,7 @@ META_KIND = b"unet.infer.kind"
 META_ERRORS = b"unet.infer.errors"
 META_MODEL = b"unet.infer.model_id"
 META_POSTPROCESS = b"unet.infer.postprocess"  # JSON: threshold, gate, min area, largest component, tta
+META_INPUT = b"unet.infer.input"  # the input root URI that the unit keys are relative to
 
 
 def part_name(chunk_key: str) -> str:
@@ -117,14 +130,18 @@ class PartAssembler:
                 for k, c in self.chunks.items() if k not in self.written]
 
 
-def part_bytes(chunk: Chunk, table: pa.Table, model_id: str, postprocess: dict | None = None
-               ) -> tuple[bytes, int, int]:
+def part_bytes(chunk: Chunk, table: pa.Table, model_id: str, postprocess: dict | None = None,
+               input_root: str | None = None, dicom_columns: tuple[str, ...] = ()) -> tuple[bytes, int, int]:
     """Serialise a part (exact OUTPUT_SCHEMA + footer metadata); returns (bytes, ok, errors).
 
     ``postprocess``: the post-processing the masks were made with, recorded in the footer so that
-    an incremental run can tell when it would mix settings.
+    an incremental run can tell when it would mix settings; ``input_root`` likewise the input.
     """
-    table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    schema = output_schema(dicom_columns)
+    for name in dicom_columns:  # a part without rows was assembled without them
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    table = table.select(schema.names).cast(schema)
     errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
     units = table.column("image_id").to_pylist() if chunk.kind == "image" else [chunk.unit_key]
     table = table.replace_schema_metadata({
@@ -132,7 +149,8 @@ def part_bytes(chunk: Chunk, table: pa.Table, model_id: str, postprocess: dict |
         META_UNITS: json.dumps(units).encode(), META_ERRORS: str(errors).encode(),
         META_MODEL: model_id.encode(),
         **({META_POSTPROCESS: json.dumps(postprocess, sort_keys=True).encode()} if postprocess is not None
-           else {})})
+           else {}),
+        **({META_INPUT: input_root.encode()} if input_root is not None else {})})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes(), table.num_rows - errors, errors
@@ -150,9 +168,9 @@ def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:
     return sorted(n for n in names if PART_RE.match(n))
 
 
-def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str, dict | None]:
-    """(unit keys, error rows, model_id, post-processing) recorded in an output part's footer; the
-    post-processing is None for parts written before it was recorded."""
+def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str, dict | None, str | None]:
+    """(unit keys, error rows, model_id, post-processing, input root) recorded in an output part's
+    footer; the post-processing and input root are None for parts written before they were recorded."""
     try:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
@@ -163,8 +181,9 @@ def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], in
         raise ValueError(f"{uri}: not written by unet.inference (no {META_UNITS.decode()} footer entry); "
                          f"move it out of the output folder")
     postprocess = json.loads(meta[META_POSTPROCESS]) if META_POSTPROCESS in meta else None
+    input_root = meta[META_INPUT].decode() if META_INPUT in meta else None
     return (json.loads(meta[META_UNITS]), int(meta.get(META_ERRORS, b"0")), meta.get(META_MODEL, b"?").decode(),
-            postprocess)
+            postprocess, input_root)
 
 
 def delete_parts(fs: pafs.FileSystem, out_path: str, out_uri: str, names: Iterable[str]) -> int:

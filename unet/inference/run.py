@@ -20,8 +20,10 @@ from .. import faults, storage
 from ..settings import POSTPROCESS_DEFAULTS, check_postprocess, check_threshold
 from ..runtime import ProgressLine, UsageError, quiet_native_stderr, require_cuda
 from .decode import DEFAULT_MAX_PIXELS
-from .model import MASK_RULE_KEYS, Predictor, postprocess
-from .output import OUTPUT_SCHEMA, PartAssembler, delete_parts, list_parts, part_bytes, part_name, read_footer
+from .lease import OutputLease
+from .model import BACKENDS, MASK_RULE_KEYS, Predictor, backend_model, postprocess
+from ..dicom import DICOM_COLUMNS
+from .output import PartAssembler, delete_parts, list_parts, output_schema, part_bytes, part_name, read_footer
 from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
 from .read import DEFAULT_MAX_BYTES, read_and_decode, read_plan_file
 
@@ -56,6 +58,14 @@ class InferenceConfig:
         max_pixels / max_bytes: larger images / files become error rows.
         exclude: glob patterns on the relative path (e.g. ``*_mask*.png``) of files to ignore.
         check_resources: refuse a request the cluster cannot hold (off for autoscaling clusters).
+        node_types: cluster YAML with the node types an autoscaling cluster can add
+            (:mod:`unet.autoscaling`; default: found from the cluster, else a fixed cluster).
+        wait_for_lease: wait while another run holds the output's lease, instead of refusing.
+        backend: what runs the model in the actors, ``"torch"`` or ``"onnxruntime"`` (the graph
+            exported once on the driver; :func:`unet.inference.model.backend_model`).
+        save_probabilities: also write each probability map (``probability_png``; else null).
+        dicom_columns: identifying DICOM attributes (of :data:`unet.dicom.DICOM_COLUMNS`) to write as
+            columns of the same names; none by default (privacy).
     """
 
     model: str
@@ -79,8 +89,15 @@ class InferenceConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
     exclude: tuple[str, ...] = ()
     check_resources: bool = True
+    node_types: str | None = None
+    wait_for_lease: bool = False
+    backend: str = "torch"
+    save_probabilities: bool = False
+    dicom_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         for name in ("chunk_size", "workers", "batch_size", "max_pixels", "max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -93,6 +110,10 @@ class InferenceConfig:
         check_postprocess({k: v for k in POSTPROCESS_DEFAULTS if (v := getattr(self, k)) is not None}, "")
         if self.retry_errors and not self.incremental:
             raise ValueError("retry_errors only makes sense with incremental (a full run redoes everything)")
+        unknown = [c for c in self.dicom_columns if c not in DICOM_COLUMNS]
+        if unknown or len(set(self.dicom_columns)) != len(self.dicom_columns):
+            raise ValueError(f"dicom_columns must be distinct names of {', '.join(DICOM_COLUMNS)}; got "
+                             f"{list(self.dicom_columns)}")
         if not self.image_column:
             raise ValueError("image_column must name the Parquet column holding image bytes")
 
@@ -132,25 +153,65 @@ CPUS_BESIDE_ACTORS = 1.0
 
 
 def _check_resources(config: InferenceConfig) -> None:
+    """Refuse what the cluster cannot hold, and probe the GPU a GPU run will use.
+
+    On an autoscaling cluster (node types known, :mod:`unet.autoscaling`) the check is against
+    the node types, not the nodes up now (often none), and the plan is printed; with
+    ``check_resources`` off only the GPU probe runs there (it waits for the GPU node it asks for).
+    """
     import ray
+
+    from ..autoscaling import discover_node_types
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    need_cpu = config.workers * config.cpus_per_worker
-    # The model actors hold their CPUs for the whole run; every other step must still fit beside
-    # them, or the pipeline waits forever for a free CPU.
-    if need_cpu + CPUS_BESIDE_ACTORS > cpus + 1e-9:
-        raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
-                         f"{need_cpu:g} CPUs for the model, plus {CPUS_BESIDE_ACTORS:g} for reading and "
-                         f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
-                         f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
-    need_gpu = config.workers * config.gpus_per_worker
-    if need_gpu > gpus:
-        raise UsageError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
-                         f"{need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or pass "
-                         f"--no-check-resources on an autoscaling cluster)")
+    types = discover_node_types(config.node_types)
+    if types is not None:
+        _check_node_types(config, types)
+    elif config.check_resources:
+        need_cpu = config.workers * config.cpus_per_worker
+        # The model actors hold their CPUs for the whole run; every other step must still fit beside
+        # them, or the pipeline waits forever for a free CPU.
+        if need_cpu + CPUS_BESIDE_ACTORS > cpus + 1e-9:
+            raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
+                             f"{need_cpu:g} CPUs for the model, plus {CPUS_BESIDE_ACTORS:g} for reading and "
+                             f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
+                             f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
+        need_gpu = config.workers * config.gpus_per_worker
+        if need_gpu > gpus:
+            raise UsageError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs "
+                             f"{need_gpu:g} GPUs but the Ray cluster has {gpus:g} (or pass "
+                             f"--no-check-resources on an autoscaling cluster)")
+    else:
+        return
     if config.gpus_per_worker > 0:
         require_cuda(config.gpus_per_worker, "--gpus-per-worker")
+
+
+def _check_node_types(config: InferenceConfig, types) -> None:
+    """The actors against the node types an autoscaling cluster can add (and the nodes up now)."""
+    import ray
+
+    actor = {"CPU": float(config.cpus_per_worker),
+             **({"GPU": float(config.gpus_per_worker)} if config.gpus_per_worker else {})}
+    fitting = [t.name for t in types.fitting(actor)]
+    total = ray.cluster_resources()
+    logger.info("resources: %d model actor(s) x %s + %g CPU for reading and decoding on node type(s) %s "
+                "(autoscaling; %g CPU / %g GPU up now)", config.workers, actor, CPUS_BESIDE_ACTORS,
+                ", ".join(fitting) or "none", total.get("CPU", 0), total.get("GPU", 0))
+    if not config.check_resources:
+        return
+    live = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not fitting and not any(all(n.get(k, 0) >= v - 1e-9 for k, v in actor.items()) for n in live):
+        raise UsageError(f"no node type can hold one model actor of {actor}: the autoscaler can add "
+                         f"{types.describe()}; lower --cpus-per-worker/--gpus-per-worker or add a bigger node type")
+    capacity = types.capacity(actor, live)
+    if capacity < config.workers:
+        raise UsageError(f"--workers {config.workers}: the cluster can never hold more than {capacity} model "
+                         f"actor(s) of {actor} ({types.describe()}); use fewer workers")
+    if not types.has_cpu(CPUS_BESIDE_ACTORS) and not any(n.get("CPU", 0) >= CPUS_BESIDE_ACTORS for n in live):
+        raise UsageError(f"no node can give reading and decoding {CPUS_BESIDE_ACTORS:g} CPU: {types.describe()}; "
+                         f"add a CPU node type")
 
 
 def run_inference(config: InferenceConfig) -> InferenceSummary:
@@ -166,8 +227,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
     started = time.monotonic()
     loaded = load_artifact(config.model)
     settings = _settings(config, loaded)
-    if config.check_resources:
-        _check_resources(config)
+    _check_resources(config)
 
     in_fs, in_path = storage.get_filesystem(config.input)
     out_fs, out_path = storage.get_filesystem(config.output)
@@ -176,50 +236,56 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
     root, root_uri, single = input_root(config.input, in_fs, in_path)
     summary = InferenceSummary(config.output, loaded.model_id, "incremental" if config.incremental else "full")
 
-    # Bookkeeping lives under <output>/_tmp (plan files) while running; a killed run's leftovers
-    # are cleared here. Only one job may write to an output folder at a time.
+    # One run writes an output at a time: it holds the output's lease (unet.inference.lease) and
+    # keeps its bookkeeping (plan files) under <output>/_tmp/<run id>. Leftovers of killed runs are
+    # cleared once the lease is held, when no other run can be using them.
     run_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     tmp_path, tmp_uri = f"{out_path}/_tmp", storage.join(config.output, "_tmp")
-    with storage.errors(tmp_uri, "clear leftovers of an interrupted run in"):
-        out_fs.delete_dir_contents(tmp_path, missing_dir_ok=True)
-    plan = PlanWriter(out_fs, f"{tmp_path}/plan-{run_id}", config.output)
+    run_tmp = f"{tmp_path}/{run_id}"
+    with OutputLease(config.output, run_id, wait=config.wait_for_lease) as lease:
+        with storage.errors(tmp_uri, "clear leftovers of an interrupted run in"):
+            out_fs.delete_dir_contents(tmp_path, missing_dir_ok=True)
+        plan = PlanWriter(out_fs, f"{run_tmp}/plan", config.output)
 
-    existing = list_parts(out_fs, out_path, config.output)
-    with tempfile.TemporaryDirectory(prefix="unet-infer-") as scratch:
-        done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id,
-                           _used_postprocess(settings), summary) if config.incremental else None
-        try:
-            chunks, summary.units_planned, summary.units_skipped = plan_inputs(
-                config, in_fs, root, root_uri, single, done, plan)
-        finally:
-            if done is not None:
-                done.close()
-    if not config.incremental:
-        # Parts of an earlier layout (other inputs or chunk size) would duplicate rows: remove
-        # them before any work, so that even an interrupted run never leaves an input twice.
-        planned = {part_name(k) for k in chunks}
-        stale = [n for n in existing if n not in planned]
-        summary.parts_deleted += delete_parts(out_fs, out_path, config.output, stale)
-        if stale:
-            logger.info("full run: deleted %d parts from earlier runs that are not in this plan", len(stale))
-    logger.info("planned %d inputs in %d chunks (%d plan rows); %d already done",
-                summary.units_planned, len(chunks), plan.total, summary.units_skipped)
+        existing = list_parts(out_fs, out_path, config.output)
+        with tempfile.TemporaryDirectory(prefix="unet-infer-") as scratch:
+            done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id,
+                               _used_postprocess(settings), root_uri, summary) if config.incremental else None
+            try:
+                chunks, summary.units_planned, summary.units_skipped = plan_inputs(
+                    config, in_fs, root, root_uri, single, done, plan)
+            finally:
+                if done is not None:
+                    done.close()
+        if not config.incremental:
+            # Parts of an earlier layout (other inputs or chunk size) would duplicate rows: remove
+            # them before any work, so that even an interrupted run never leaves an input twice.
+            planned = {part_name(k) for k in chunks}
+            stale = [n for n in existing if n not in planned]
+            summary.parts_deleted += delete_parts(out_fs, out_path, config.output, stale)
+            if stale:
+                logger.info("full run: deleted %d parts from earlier runs that are not in this plan", len(stale))
+        logger.info("planned %d inputs in %d chunks (%d plan rows); %d already done",
+                    summary.units_planned, len(chunks), plan.total, summary.units_skipped)
 
-    if chunks:
-        _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, settings, summary)
-    with storage.errors(tmp_uri, "clean up"):
-        if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
-            out_fs.delete_dir(tmp_path)
-    summary.wall_s = round(time.monotonic() - started, 3)
-    logger.info("wrote %d part(s) to %s: %d images segmented, %d error rows, in %.1f s",
-                summary.parts_written, config.output, summary.rows_ok, summary.rows_error, summary.wall_s)
-    record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config),
-              "threshold": settings.threshold, "postprocess": _used_postprocess(settings),
-              "input_size": list(settings.input_size),
-              "normalization": settings.normalization,
-              "output_schema": [f"{f.name}: {f.type}" for f in OUTPUT_SCHEMA]}
-    storage.write_bytes(storage.join(config.output, "_runs", f"run-{run_id}.json"),
-                        (json.dumps(record, indent=2, default=str) + "\n").encode())
+        if chunks:
+            _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, settings, summary)
+        if lease.lost:
+            raise RuntimeError(f"{config.output}: this run lost its lease to another run while writing (it "
+                               f"could not renew it for {lease.ttl_s:g} s); rerun with --incremental")
+        with storage.errors(tmp_uri, "clean up"):  # all of _tmp is this run's while it holds the lease
+            if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
+                out_fs.delete_dir(tmp_path)
+        summary.wall_s = round(time.monotonic() - started, 3)
+        logger.info("wrote %d part(s) to %s: %d images segmented, %d error rows, in %.1f s",
+                    summary.parts_written, config.output, summary.rows_ok, summary.rows_error, summary.wall_s)
+        record = {"summary": summary.to_dict(), "config": dataclasses.asdict(config),
+                  "threshold": settings.threshold, "postprocess": _used_postprocess(settings),
+                  "input_size": list(settings.input_size),
+                  "normalization": settings.normalization,
+                  "output_schema": [f"{f.name}: {f.type}" for f in output_schema(config.dicom_columns)]}
+        storage.write_bytes(storage.join(config.output, "_runs", f"run-{run_id}.json"),
+                            (json.dumps(record, indent=2, default=str) + "\n").encode())
     return summary
 
 
@@ -249,39 +315,50 @@ def _used_postprocess(settings: ModelSettings) -> dict:
 
 
 def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_fs, out_path: str,
-                model_id: str, postprocess: dict, summary: InferenceSummary) -> DoneIndex:
+                model_id: str, postprocess: dict, root_uri: str, summary: InferenceSummary) -> DoneIndex:
     """Index the units the output's parts already cover, reading one footer at a time.
 
-    Like a different model, different post-processing in earlier parts is reported (not refused):
-    the run adds masks made with this run's settings.
+    Parts made by another model, with other mask settings or from another input root would be
+    mixed with this run's masks, or match inputs that are not the same files: refused with a
+    :class:`UsageError` (parts deleted for ``retry_errors`` are redone and do not count). Parts
+    from before these were recorded in the footers are not compared.
     """
     done = DoneIndex(scratch)
-    retry, models, settings_seen = [], set(), set()
+    retry, keep = [], []
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         footers = pool.map(lambda n: (n, read_footer(out_fs, f"{out_path}/{n}", storage.join(config.output, n))),
                            existing)
-        for name, (units, errors, part_model, part_postprocess) in footers:
-            models.add(part_model)
-            if part_postprocess is not None:
-                settings_seen.add(json.dumps(part_postprocess, sort_keys=True))
+        for name, (units, errors, part_model, part_postprocess, part_input) in footers:
             if config.retry_errors and errors:
                 retry.append(name)
-            else:
-                done.add(units)
+                continue
+            differences = _differences(part_model, part_postprocess, part_input, model_id, postprocess, root_uri)
+            if differences:
+                raise UsageError(
+                    f"--incremental: {config.output} already holds masks made with other settings "
+                    f"({'; '.join(differences)}; part {name}); run without --incremental to redo every "
+                    f"input with this run's settings, or write to another --output")
+            keep.append(name)
+            done.add(units)
     # Deleted before the rerun, not after: an interrupted retry then simply leaves them to do.
     summary.parts_deleted += delete_parts(out_fs, out_path, config.output, retry)
-    if models - {model_id}:
-        logger.warning("the output already holds masks from model(s) %s; this incremental run adds masks "
-                       "from %s (run without --incremental to redo everything with one model)",
-                       sorted(models - {model_id}), model_id)
-    other = settings_seen - {json.dumps(postprocess, sort_keys=True)}
-    if other:
-        logger.warning("the output already holds masks made with other post-processing %s; this incremental "
-                       "run adds masks made with %s (run without --incremental to redo everything with one "
-                       "setting)", sorted(other), json.dumps(postprocess, sort_keys=True))
     logger.info("incremental: %d units already in %d parts; %d parts with errors deleted for retry",
-                done.count, len(existing) - len(retry), len(retry))
+                done.count, len(keep), len(retry))
     return done
+
+
+def _differences(part_model: str, part_postprocess: dict | None, part_input: str | None, model_id: str,
+                 postprocess: dict, root_uri: str) -> list[str]:
+    """What a part recorded that differs from this run: model, input root, each mask setting."""
+    out = []
+    if part_model != model_id:
+        out.append(f"model {part_model}, this run {model_id}")
+    if part_input is not None and part_input != root_uri:
+        out.append(f"input {part_input}, this run {root_uri}")
+    for key, value in (part_postprocess or {}).items():
+        if key in postprocess and postprocess[key] != value:
+            out.append(f"{key} {json.dumps(value)}, this run {json.dumps(postprocess[key])}")
+    return out
 
 
 def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_files: list[str], in_fs,
@@ -303,16 +380,19 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
         read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=side_cpus,
         fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=settings.input_size,
                        image_column=config.image_column, id_column=config.id_column,
-                       max_pixels=config.max_pixels, max_bytes=config.max_bytes))
+                       max_pixels=config.max_pixels, max_bytes=config.max_bytes,
+                       dicom_columns=config.dicom_columns))
     ds = ds.map_batches(
         Predictor, batch_format="numpy", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None,
-        fn_constructor_kwargs=dict(model=loaded.model, settings=settings, use_gpu=config.gpus_per_worker > 0,
-                                   num_threads=int(config.cpus_per_worker), fault_drill=faults.current()))
+        fn_constructor_kwargs=dict(model=backend_model(loaded, config.backend), settings=settings,
+                                   use_gpu=config.gpus_per_worker > 0, num_threads=int(config.cpus_per_worker),
+                                   fault_drill=faults.current(), backend=config.backend))
     ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=side_cpus,
                         fn_kwargs=dict(mask_rule={k: getattr(settings, k) for k in MASK_RULE_KEYS},
-                                       model_id=loaded.model_id))
+                                       model_id=loaded.model_id, save_probabilities=config.save_probabilities,
+                                       dicom_columns=config.dicom_columns))
 
     pending: list[concurrent.futures.Future] = []
 
@@ -321,7 +401,8 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
             name = part_name(chunk.key)
 
             def job():
-                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _used_postprocess(settings))
+                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _used_postprocess(settings), root_uri,
+                                              config.dicom_columns)
                 storage.write_bytes(storage.join(config.output, name), data)
                 return ok, errors
 

@@ -104,6 +104,8 @@ class TrainConfig:
         num_cpus: CPUs of a local Ray started by this job (default: all of this machine),
         check_resources: refuse early if the cluster cannot hold the request (switch off on an
             autoscaling cluster that grows on demand).
+        node_types: cluster-launcher YAML naming the node types an autoscaling cluster can add
+            (:mod:`unet.autoscaling`; default: found from the cluster, else a fixed cluster).
     Output:
         storage: where runs live (local dir or ``s3://bucket/prefix``); ``name``: the run
             (default ``<model>``, or ``smoke-<model>``); the run directory is storage/name.
@@ -117,6 +119,8 @@ class TrainConfig:
             ``val_lesion_dice_gated`` (the same after the image head's gate at 0.5).
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         smoke_test: tiny images/model/epochs, phantom data when ``data`` is not given.
+        mlflow: MLflow tracking URI (:mod:`unet.tracking`); ``true`` = ``$MLFLOW_TRACKING_URI``, else
+            the file store ``./mlruns``; None/false = no tracking.
     """
 
     data: str | None = None
@@ -150,6 +154,7 @@ class TrainConfig:
     address: str | None = None
     num_cpus: int | None = None
     check_resources: bool = True
+    node_types: str | None = None
     storage: str = "runs"
     name: str | None = None
     export: str | None = None
@@ -157,6 +162,7 @@ class TrainConfig:
     monitor: str = "val_dice"
     max_failures: int = 2
     smoke_test: bool = False
+    mlflow: str | bool | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -278,12 +284,18 @@ class TrainConfig:
                              "use amp=bf16 or none on CPU")
         if c.name is not None and (not str(c.name) or "/" in str(c.name)):
             raise ValueError(f"{where}name={c.name!r} must be a non-empty run name without '/'")
+        if isinstance(c.mlflow, str) and c.mlflow.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+            c.mlflow = c.mlflow.strip().lower() in ("true", "yes", "on")
+        if c.mlflow is False:
+            c.mlflow = None
+        if c.mlflow is not None and not isinstance(c.mlflow, (bool, str)):
+            raise ValueError(f"{where}mlflow={c.mlflow!r} must be a tracking URI, true (the default store) or false")
         if c.data is not None:
             c.data = str(c.data)
         return c
 
     def resolved(self) -> TrainConfig:
-        """Apply the smoke-test sizes and the default run name (a copy; idempotent)."""
+        """Apply the smoke-test sizes, the default run name and MLflow URI (a copy; idempotent)."""
         c = dataclasses.replace(self)
         if c.smoke_test:
             c.image_size = SMOKE_IMAGE_SIZE
@@ -293,6 +305,10 @@ class TrainConfig:
             c.model_kwargs = {"channels": SMOKE_CHANNELS, **c.model_kwargs}
         if c.name is None:
             c.name = f"smoke-{c.model}" if c.smoke_test else c.model
+        if c.mlflow is not None:
+            from unet.tracking import resolve_uri
+
+            c.mlflow = resolve_uri(c.mlflow)
         return c.validated()
 
     # -- derived ------------------------------------------------------------------------------

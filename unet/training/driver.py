@@ -25,17 +25,19 @@ from typing import Any
 
 from ray.train import DataConfig
 
-from unet import faults, storage
+from unet import faults, storage, tracking
+from unet.autoscaling import discover_node_types
 from unet.models import build_model
-from unet.runtime import init_ray, is_quiet, require_cuda
+from unet.runtime import UsageError, init_ray, is_quiet, require_cuda
 from unet.shards import MANIFEST, read_manifest
 
-from .checkpoints import check_same_run, export_best, previous_result, read_checkpoint_config
+from .checkpoints import check_same_run, export_best, previous_result, resume_point, run_checkpoints, run_checkpoints_of
 from .config import SMOKE_PHANTOMS, TrainConfig
 from .loop import train_loop_per_worker
 from .resources import ResourcePlan, plan_resources
 
-__all__ = ["FitOutcome", "SplitValDataConfig", "WorkerLogRelay", "build_datasets", "build_trainer", "fit"]
+__all__ = ["FitOutcome", "ResumedTrainSplit", "SplitValDataConfig", "WorkerLogRelay", "build_datasets", "build_trainer",
+           "continue_at", "fit"]
 
 logger = logging.getLogger("unet.train")
 
@@ -70,29 +72,61 @@ class SplitValDataConfig(DataConfig):
         return output
 
 
+def continue_at(dataset, epochs_done: int):
+    """A copy of a lazy ``dataset`` whose next pass is pass number ``epochs_done`` (from 0).
+
+    Ray Data counts a Dataset's passes in its context's execution index; the shard order
+    (``FileShuffleConfig(reseed_after_execution=True)``) and the augmentation epoch
+    (:class:`unet.data.BatchTransform`) both derive from it. A resumed run sets it to the epochs
+    already trained, so it continues their sequence instead of replaying the first epoch's.
+    Private Ray API (the same counter ``unet.data`` reads), hence kept in this one place.
+    """
+    out = dataset.copy(dataset, _deep_copy=True)  # its own plan and context (the counter)
+    out.context._execution_idx = int(epochs_done)
+    return out
+
+
+class ResumedTrainSplit:
+    """The train split for a worker group that Ray (re)starts: a dataset factory (Ray Train calls
+    it at every worker-group start), continuing after the checkpoint the group resumes from.
+
+    Ray restarts a failed group inside one ``fit()`` with the same datasets, which would start
+    their pass counter from where the driver built them; the factory looks up the run's newest
+    checkpoint that loads (the one :func:`unet.training.loop.train_loop_per_worker` resumes from)
+    and hands out the split at that epoch (:func:`continue_at`).
+    """
+
+    def __init__(self, dataset, run_uri: str):
+        self.dataset = dataset
+        self.filesystem, self.run_path = storage.get_filesystem(run_uri)
+
+    def __call__(self):
+        return continue_at(self.dataset, resume_point(run_checkpoints(self.run_path, self.filesystem)).epoch)
+
+
 def build_datasets(cfg: TrainConfig, epoch_offset: int = 0) -> dict[str, Any]:
     """``{"train": ..., "val": ...}`` Ray Datasets of model batches from ``cfg.data``.
 
     ``train`` stays lazy and streams (new shard order and augmentations every epoch; a run resumed
-    after ``epoch_offset`` finished epochs continues their sequence of augmentations). ``val`` is
+    after ``epoch_offset`` finished epochs continues their sequence: :func:`continue_at`). ``val`` is
     decoded once and materialised in the object store: it is small (BUSI: ~100 images, 13 MB at
     128 px) and identical every epoch, so re-reading it would only add a pipeline start per epoch.
     """
     from unet.data import AugmentConfig, read_split
 
     if not cfg.data:
-        raise ValueError("no training data: pass --data URI of prepared shards (jobs.prepare), "
+        raise UsageError("no training data: pass --data URI of prepared shards (jobs.prepare), "
                          "or --smoke-test to generate phantoms")
     if cfg.oversample:
         _check_classes(cfg.data, cfg.oversample)
     size = tuple(cfg.image_size)
     # A pretrained encoder expects the normalisation its weights were trained with.
     norm = build_model(cfg.model, **cfg.model_kwargs).input_normalization
+    train = read_split(cfg.data, "train", size=size, augment=AugmentConfig() if cfg.augment else None,
+                       shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib, oversample=cfg.oversample,
+                       **norm)
     return {
-        "train": read_split(cfg.data, "train", size=size,
-                            augment=AugmentConfig() if cfg.augment else None,
-                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib,
-                            oversample=cfg.oversample, epoch_offset=epoch_offset, **norm),
+        "train": continue_at(train, epoch_offset),
         "val": read_split(cfg.data, "val", size=size, **norm).materialize(),
     }
 
@@ -104,7 +138,7 @@ def _check_classes(data: str, oversample: Mapping[str, int]) -> None:
     classes = sorted(k for k in read_manifest(data)["counts"]["train"] if k != "total")
     unknown = sorted(set(oversample) - set(classes))
     if unknown:
-        raise ValueError(f"oversample: class(es) {unknown} not in the train split of {data}, which has {classes}")
+        raise UsageError(f"oversample: class(es) {unknown} not in the train split of {data}, which has {classes}")
 
 
 def make_smoke_data(cfg: TrainConfig) -> str:
@@ -130,12 +164,13 @@ def _alive_nodes() -> list[dict[str, float]]:
 
 def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, Any], *,
                   train_loop=train_loop_per_worker, loop_config: Mapping[str, Any] | None = None,
-                  command: str | None = None, log_queue: Any = None):
+                  command: str | None = None, log_queue: Any = None, callbacks: Sequence[Any] = ()):
     """The ``TorchTrainer`` for ``cfg`` (gloo on CPU, nccl on GPU), checkpointing to storage/name.
 
     ``train_loop``/``loop_config`` default to :func:`train_loop_per_worker` with the config; tests
     pass their own loop to exercise pieces (e.g. :func:`validate`) under the same trainer setup.
     ``log_queue``: where workers also send their log lines (:class:`WorkerLogRelay`), or None.
+    ``callbacks``: Ray Train ``UserCallback``s, run in the controller (MLflow: :mod:`unet.tracking`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -152,6 +187,7 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, datasets: Mapping[str, A
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, checkpoint_score_attribute=cfg.monitor,
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
+        callbacks=list(callbacks),
     )
     if loop_config is None:
         loop_config = {"train": cfg.to_dict(), "torch_threads": plan.torch_threads,
@@ -234,27 +270,36 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
     cfg = cfg.resolved()
     command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
     started = init_ray(cfg.address, cfg.num_cpus)
+    tracker = tracking.NoRun()
     try:
         import ray
 
         if cfg.smoke_test and not cfg.data:
             cfg = dataclasses.replace(cfg, data=make_smoke_data(cfg))
+        tracker = tracking.start(cfg, command=command)  # --mlflow: fed by a driver thread; else a no-op
         previous = previous_result(cfg)
         plan, done = None, 0
         if previous is not None and previous.checkpoint is not None:
-            saved = read_checkpoint_config(previous.checkpoint)
-            check_same_run(cfg, saved.get("config", {}), previous.checkpoint.path)
-            done = int(saved.get("epoch", 0))
+            point = resume_point(run_checkpoints_of(previous))
+            for skipped in point.skipped:
+                logger.warning("checkpoint %s; resuming from the newest checkpoint that loads", skipped)
+            if point.state is None:
+                raise UsageError(f"run {cfg.run_uri}: no checkpoint loads ({'; '.join(point.skipped)}); delete "
+                                 "the run directory or use another --name to start afresh")
+            check_same_run(cfg, point.state.get("config", {}), point.checkpoint.path)
+            done = point.epoch
             if done >= cfg.epochs:
                 logger.info("run %s already finished %d/%d epochs; exporting its best checkpoint",
                             cfg.run_uri, done, cfg.epochs)
                 uri, best_epoch, best_metrics, history = export_best(cfg, previous, command=command)
+                tracker.finish(uri, history)
                 return FitOutcome(uri, cfg.run_uri, best_epoch, best_metrics, history, False, None, None,
                                   time.perf_counter() - t0)
-            logger.info("run %s has %d/%d epochs; resuming from its latest checkpoint",
-                        cfg.run_uri, done, cfg.epochs)
-        plan = plan_resources(cfg, ray.cluster_resources(), _alive_nodes())
-        if cfg.use_gpu and cfg.check_resources:
+            logger.info("run %s has %d/%d epochs; resuming from %s", cfg.run_uri, done, cfg.epochs,
+                        point.checkpoint.path)
+        plan = plan_resources(cfg, ray.cluster_resources(), _alive_nodes(), discover_node_types(cfg.node_types))
+        # On an autoscaling cluster the probe waits for the GPU node the autoscaler adds for it.
+        if cfg.use_gpu and (cfg.check_resources or plan.node_types):
             require_cuda(plan.gpus_per_worker, "--use-gpu")
         logger.info("resources: %s", plan.describe())
         if not storage.exists(storage.join(cfg.data, MANIFEST)):
@@ -263,17 +308,21 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
         # come through a relay instead. A Ray started elsewhere (tests, notebooks) forwards it.
         relay = WorkerLogRelay() if started and is_quiet() else None
         try:
-            trainer = build_trainer(cfg, plan, build_datasets(cfg, epoch_offset=done), command=command,
-                                    log_queue=relay.queue if relay else None)
+            datasets = build_datasets(cfg)
+            datasets["train"] = ResumedTrainSplit(datasets["train"], cfg.run_uri)
+            trainer = build_trainer(cfg, plan, datasets, command=command,
+                                    log_queue=relay.queue if relay else None, callbacks=tracker.callbacks)
             result = trainer.fit()
         finally:
             if relay is not None:
                 relay.close()
         uri, best_epoch, best_metrics, history = export_best(cfg, result, command=command, plan=plan)
+        tracker.finish(uri, history)
         start_epoch = (result.metrics or {}).get("start_epoch")
         return FitOutcome(uri, cfg.run_uri, best_epoch, best_metrics, history, True, start_epoch, plan,
                           time.perf_counter() - t0)
     finally:
+        tracker.close()  # FAILED unless finished; before Ray (its queue) goes
         if started:
             import ray
 

@@ -4,13 +4,20 @@
 ``ray.train.get_checkpoint()``, then per epoch runs :func:`train_one_epoch`, :func:`validate`
 (TP/FP/FN counts on every rank, one ``all_reduce``, scores computed once), a rank-0 log line
 (:func:`log_epoch`) and ``ray.train.report`` with a checkpoint.
+
+A resumed run continues the sequence of an uninterrupted one: the train split continues its shard
+order and augmentations (``unet.training.driver.ResumedTrainSplit``), torch/NumPy are reseeded
+from ``(seed, epoch, rank)`` every epoch, and every epoch's record holds ``train_samples_sha256``
+(the multiset of (sample id, augmented image) all ranks trained on), so two runs can be compared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import platform
+import posixpath
 import sys
 import tempfile
 import time
@@ -28,12 +35,18 @@ from unet.models import build_model
 from unet.postprocess import image_probabilities
 from unet.shards import CLASSES
 
-from .checkpoints import load_checkpoint_state, write_checkpoint
+from .checkpoints import (
+    ResumePoint,
+    apply_resumable_settings,
+    resume_point,
+    run_checkpoints,
+    write_checkpoint,
+)
 from .config import TrainConfig
 from .optim import autocast, build_loss_fn, build_optimizer, build_scheduler
 
-__all__ = ["evaluate", "log_epoch", "reduce_metrics", "scores", "train_loop_per_worker", "train_one_epoch",
-           "validate"]
+__all__ = ["epoch_seed", "evaluate", "log_epoch", "reduce_metrics", "sample_fingerprints", "samples_digest", "scores",
+           "train_loop_per_worker", "train_one_epoch", "validate"]
 
 logger = logging.getLogger("unet.train")
 
@@ -44,10 +57,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float]:
+                    scaler: torch.amp.GradScaler | None = None,
+                    seen: list[str] | None = None) -> tuple[float, int, float]:
     """One pass over this rank's batches; returns (sum of per-image loss, images, seconds spent
     waiting for the next batch) on this rank. A large wait means the input pipeline, not the
-    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``)."""
+    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``). ``seen``, if given, receives
+    :func:`sample_fingerprints` of every batch."""
     model.train()
     loss_sum, images, wait_s = 0.0, 0, 0.0
     it = iter(batches)
@@ -57,6 +72,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
         wait_s += time.perf_counter() - t
         if batch is None:
             break
+        if seen is not None:
+            seen.extend(sample_fingerprints(batch["id"], batch["image"]))
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -82,6 +99,26 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
         loss_sum += value * x.shape[0]
         images += x.shape[0]
     return loss_sum, images, wait_s
+
+
+def sample_fingerprints(ids: Sequence[str], images) -> list[str]:
+    """``"<id> <digest of its float32 model input>"`` per sample: equal for two samples exactly
+    when the same image got the same augmentation (seed) and normalisation."""
+    arrays = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return [f"{i} {hashlib.blake2b(np.ascontiguousarray(a, dtype=np.float32).tobytes(), digest_size=8).hexdigest()}"
+            for i, a in zip(ids, arrays, strict=True)]
+
+
+def samples_digest(fingerprints: Iterable[str]) -> str:
+    """One SHA-256 over a multiset of :func:`sample_fingerprints` (order-free: ranks and the
+    streaming split deal samples out in an order that varies from run to run)."""
+    return hashlib.sha256("\n".join(sorted(fingerprints)).encode("utf-8")).hexdigest()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch/NumPy seed of one rank in one epoch: a resumed run draws what an uninterrupted
+    run draws in that epoch (dropout masks, any random op), not epoch 1's numbers again."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank)) % (2**31)
 
 
 def class_targets(classes: Sequence[str], ids: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -300,6 +337,21 @@ def _committed() -> None:
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
 
 
+def _resume_point(checkpoint) -> ResumePoint:
+    """Where this worker resumes: the checkpoint Ray hands over (the run's latest) or, if that one
+    does not load, the newest of the run's other checkpoints that does."""
+    if checkpoint is None:
+        return ResumePoint()
+    run_path = posixpath.dirname(checkpoint.path.rstrip("/"))
+    point = resume_point([checkpoint])
+    if point.state is None:
+        point = resume_point([checkpoint, *(c for c in run_checkpoints(run_path, checkpoint.filesystem)
+                                            if c.path != checkpoint.path)])
+    # None loads (fit() refuses such a run before training; here they broke during it): start
+    # again from epoch 1 rather than fail the same way on every restart.
+    return point
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. ``loop_config = {"train": TrainConfig.to_dict(), "torch_threads": n,
     "command": str, "fault_drill": unet.faults.current(), "log_queue": relay queue or None}``.
@@ -320,10 +372,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     model = build_model(cfg.model, **cfg.model_kwargs)
     start_epoch, history, hardware, commands = 1, [], None, []
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
+    point = _resume_point(ray.train.get_checkpoint())
+    if rank == 0:
+        for skipped in point.skipped:
+            logger.warning("checkpoint %s; resuming from the newest checkpoint that loads", skipped)
+        if point.skipped and point.state is None:
+            logger.warning("no checkpoint of this run loads; starting again from epoch 1")
+    state = point.state
+    if state is not None:
         model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
@@ -337,6 +393,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
+        changed = apply_resumable_settings(cfg, state.get("config", {}), optimizer, scheduler)
+        if changed and rank == 0:
+            logger.info("resuming with changed settings: %s",
+                        ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    else:
+        changed = {}
     loss_fn = build_loss_fn(cfg)
     if loop_config.get("command") and (not commands or commands[-1] != loop_config["command"]):
         commands.append(loop_config["command"])
@@ -345,6 +407,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     hardware = {"workers": world, "worker_info": workers,
                 "torch_threads": int(loop_config.get("torch_threads", 1)),
                 "resources_per_worker": loop_config.get("resources_per_worker")}
+    # After a fallback to an older checkpoint the epochs after it are trained again: new directory
+    # names, so Ray's clean-up of the broken ones' entries never deletes the new checkpoints.
+    redo = f"-redo{start_epoch}" if point.skipped else ""
     if rank == 0:
         where = f"resuming at epoch {start_epoch}" if state is not None else "starting"
         logger.info("%s: %d worker(s) on %d node(s), device %s, %s", cfg.name, world,
@@ -359,13 +424,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     attempt_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        np.random.seed(epoch_seed(cfg.seed, epoch, rank))
         lr = optimizer.param_groups[0]["lr"]
         train_batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, collate_fn=collate_torch,
             local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
             local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 101 + rank) % (2**31))
+        seen: list[str] = []
         loss_sum, n_images, wait_s = train_one_epoch(model, train_batches, loss_fn, optimizer, device, cfg,
-                                                     scaler)
+                                                     scaler, seen=seen)
+        samples = samples_digest(f for rank_seen in _gather(seen) for f in rank_seen)
         train_s = time.perf_counter() - t0
         scheduler.step()
         val_batches = val_shard.iter_torch_batches(batch_size=val_batch_size, collate_fn=collate_torch)
@@ -378,6 +447,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "train_loss": loss_sum / max(n_images, 1),
             "train_images": int(n_images),
             "lr": lr,
+            "weight_decay": optimizer.param_groups[0].get("weight_decay"),
+            "train_samples_sha256": samples,
             # all ranks' images over the mean rank's time spent training
             "images_per_s": n_images / max(train_s_sum / world, 1e-9),
             # share of the training time the ranks spent waiting for input batches
@@ -386,6 +457,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "elapsed_s": elapsed_before + (time.perf_counter() - attempt_start),
             **scores(accs, images),
         }
+        if changed and epoch == start_epoch:
+            record["changed"] = changed  # settings this resumed run trains with, unlike the epochs before
         history.append(record)
         metrics = {**record, "start_epoch": start_epoch, "world_size": world,
                    "worker_nodes": [w["node_id"] for w in workers]}
@@ -405,5 +478,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 }, record)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 log_epoch(record, cfg.epochs)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}{redo}")
     return {"start_epoch": start_epoch, "epochs": cfg.epochs, "world_size": world}

@@ -3,6 +3,10 @@
 On a 2-CPU machine, two workers asking 1 CPU each leave Ray Data nothing to schedule its
 read/decode tasks on and the first epoch waits forever; the plan gives workers a fraction instead
 and refuses up front (one clear line) when the cluster cannot hold the request.
+
+On an autoscaling cluster (node types known, :mod:`unet.autoscaling`) the plan is sized from the
+job's request and the node types the autoscaler can add, not from the nodes that happen to be up
+(often none: workers scale from zero); only what no node type can ever hold is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from unet.autoscaling import NodeTypes
 from unet.runtime import UsageError
 
 from .config import TrainConfig
@@ -34,6 +39,8 @@ class ResourcePlan:
     torch_threads: int
     cluster_cpus: float
     cluster_gpus: float
+    # Autoscaling clusters: the node types that hold one worker (empty on a fixed cluster).
+    node_types: tuple[str, ...] = ()
 
     @property
     def elastic(self) -> bool:
@@ -47,8 +54,11 @@ class ResourcePlan:
 
     def describe(self) -> str:
         workers = f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.max_workers)
-        return (f"{workers} worker(s) x {self.resources_per_worker()} + {self.data_cpus:g} CPU for Ray Data "
-                f"on a cluster of {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU")
+        where = f"on a cluster of {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU"
+        if self.node_types:
+            where = (f"on node type(s) {', '.join(self.node_types)} (autoscaling; "
+                     f"{self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU up now)")
+        return f"{workers} worker(s) x {self.resources_per_worker()} + {self.data_cpus:g} CPU for Ray Data {where}"
 
 
 def _round_down(value: float, step: float = 0.01) -> float:
@@ -87,7 +97,8 @@ def _place_workers(plan: ResourcePlan, nodes: list[dict], strategy: str) -> list
 
 
 def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
-                   nodes: Sequence[Mapping[str, float]] | None = None) -> ResourcePlan:
+                   nodes: Sequence[Mapping[str, float]] | None = None,
+                   node_types: NodeTypes | None = None) -> ResourcePlan:
     """Size the workers for ``cluster`` (``ray.cluster_resources()``) and check that they fit.
 
     CPUs per worker, unless given: on GPU runs 1 (the GPU does the work; Ray Data gets the rest for
@@ -99,6 +110,9 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
     fit on one node, and after placing them (as ``placement_strategy`` would) one node must keep a
     whole CPU free, because Ray Data's file-listing task asks for 1 CPU.
 
+    ``node_types`` (an autoscaling cluster): see :func:`_plan_on_node_types`. With neither node
+    types nor CPUs to share (``check_resources=false`` on an empty cluster) a worker asks for 1 CPU.
+
     Raises:
         UsageError: the cluster cannot hold ``min_workers`` workers plus ``data_cpus`` — with the
             numbers and what to change. (Ray would otherwise wait for resources forever.)
@@ -109,7 +123,9 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
     data_cpus = float(cfg.data_cpus)
     gpus = float(cfg.gpus_per_worker) if cfg.use_gpu else 0.0
     hint = ("lower --workers or --cpus-per-worker/--data-cpus, or use a bigger cluster "
-            "(check_resources=false skips this check on autoscaling clusters)")
+            "(on an autoscaling cluster: --node-types FILE, or check_resources=false)")
+    if node_types is not None:
+        return _plan_on_node_types(cfg, total_cpu, total_gpu, nodes or [], node_types)
     if cfg.cpus_per_worker is not None:
         cpus = float(cfg.cpus_per_worker)
     elif cfg.use_gpu:
@@ -117,6 +133,8 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
     else:
         share = (total_cpu - data_cpus) / high
         cpus = float(math.floor(share)) if share >= 1 else _round_down(share)
+    if cpus <= 0 and not cfg.check_resources:
+        cpus = 1.0  # nothing up to share and no node types known: what a Ray worker asks by default
     plan = ResourcePlan(low, high, cpus, gpus, data_cpus, max(1, int(cpus)), total_cpu, total_gpu)
     if not cfg.check_resources:
         return plan
@@ -144,3 +162,49 @@ def plan_resources(cfg: TrainConfig, cluster: Mapping[str, float],
                              f"use fewer --cpus-per-worker, PACK placement or bigger nodes")
     return plan
 
+
+
+def _plan_on_node_types(cfg: TrainConfig, total_cpu: float, total_gpu: float,
+                        nodes: Sequence[Mapping[str, float]], types: NodeTypes) -> ResourcePlan:
+    """The plan on an autoscaling cluster: sized per worker, independent of what is up now.
+
+    CPUs per worker, unless given: 1 on GPU runs; on CPU runs one worker per node of the largest
+    CPU-only node type, leaving ``data_cpus`` of that node to Ray Data (half the node when it has
+    fewer than ``data_cpus + 1``). An elastic group (``--workers 2-8``) is sized the same way: it
+    starts with the minimum and grows as the autoscaler adds nodes. Refused (when checking):
+    a worker no node type holds, a minimum the node types cannot reach, no CPU for Ray Data.
+    """
+    low, high = cfg.worker_range
+    data_cpus = float(cfg.data_cpus)
+    gpus = float(cfg.gpus_per_worker) if cfg.use_gpu else 0.0
+    if cfg.cpus_per_worker is not None:
+        cpus = float(cfg.cpus_per_worker)
+    elif cfg.use_gpu:
+        cpus = 1.0
+    else:
+        node_cpu = float(types.largest_cpu(prefer_no_gpu=True).resources.get("CPU", 0.0))
+        free = node_cpu - data_cpus
+        cpus = float(math.floor(free)) if free >= 1 else _round_down(node_cpu / 2)
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    fitting = types.fitting(bundle) if cpus > 0 else []
+    plan = ResourcePlan(low, high, cpus, gpus, data_cpus, max(1, int(cpus)), total_cpu, total_gpu,
+                        tuple(t.name for t in fitting) or ("none",))
+    if not cfg.check_resources:
+        return plan
+    if not fitting and not any(_holds_one(n, bundle) for n in nodes):
+        raise UsageError(f"no node type can hold one training worker of {bundle}: the autoscaler can add "
+                         f"{types.describe()}; lower --cpus-per-worker/--gpus-per-worker or add a bigger "
+                         f"node type")
+    capacity = types.capacity(bundle, nodes)
+    if capacity < low:
+        raise UsageError(f"the cluster can never hold {low} training worker(s) of {bundle}: at most "
+                         f"{capacity} with the nodes up now plus {types.describe()}; lower --workers or "
+                         f"raise max_workers of a node type")
+    if data_cpus > 0 and not (types.has_cpu(min(1.0, data_cpus))
+                              or any(float(n.get("CPU", 0.0)) >= min(1.0, data_cpus) for n in nodes)):
+        raise UsageError(f"no node can give Ray Data a whole CPU: {types.describe()}; add a CPU node type")
+    return plan
+
+
+def _holds_one(node: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
+    return all(float(node.get(k, 0.0)) >= v - 1e-9 for k, v in bundle.items())
