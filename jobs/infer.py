@@ -23,6 +23,8 @@ Post-processing is the model artifact's (threshold, flip TTA, image-head gate, m
 largest component: ``config.json``, chosen on validation); ``--threshold``, ``--tta/--no-tta``,
 ``--gate-threshold`` (0 = no gate), ``--min-area`` and ``--largest-component/--no-largest-component``
 override it, and ``<output>/_runs/run-*.json`` records what was used.
+``--backend onnxruntime`` runs the model actors on ONNX Runtime (the artifact exported once, as
+``jobs.export`` does); ``--save-probabilities`` adds each probability map (``probability_png``).
 
 Ray: joins ``--address`` or ``$RAY_ADDRESS`` (as under ``ray job submit``), else starts a local
 Ray with ``--num-cpus`` (default: all CPUs). S3 endpoint and credentials come from the AWS_*

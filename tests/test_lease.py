@@ -96,6 +96,20 @@ def test_an_expired_lease_is_taken_over_by_exactly_one_of_many_runs(output, capl
     assert "taking over the expired lease" in caplog.text and "run dead-run" in caplog.text
 
 
+def test_a_run_whose_lease_was_taken_over_notices_and_leaves_the_new_holder_alone(tmp_path, caplog):
+    output = str(tmp_path / "out")
+    storage.makedirs(output)
+    lease = OutputLease(output, "slow-run")
+    lease.acquire()
+    storage.delete(storage.join(output, LEASE_NAME))  # as a takeover after missed renewals does
+    _stale_lease(output, run_id="new-holder", age_s=0)
+    with caplog.at_level(logging.ERROR, logger="unet.inference"):
+        lease.renew()
+    assert lease.lost and "lost the lease" in caplog.text and "run new-holder" in caplog.text
+    lease.release()
+    assert json.loads(storage.read_bytes(storage.join(output, LEASE_NAME)))["run_id"] == "new-holder"
+
+
 def test_a_waiting_run_gets_the_lease_when_the_holder_releases_it(tmp_path, monkeypatch):
     monkeypatch.setattr("unet.inference.lease.WAIT_POLL_S", 0.1)
     output = str(tmp_path / "out")

@@ -3,7 +3,8 @@
 :func:`export_onnx` turns a :class:`unet.artifact.LoadedModel` into ONNX bytes: BatchNorm folded
 into the convolutions, input ``input`` = normalised images ``(batch, in_channels, H, W)`` with
 dynamic batch and dynamic H, W (any multiple of the network's stride, ``2 ** depth``: 16 for the
-classic 4-pooling nets, 32 with the EfficientNet-Lite0 encoder), outputs ``logits`` ``(batch,
+classic 4-pooling nets, 32 with the EfficientNet-Lite0 encoder; an ensemble, which resizes to each
+member's own size, takes exactly its ``input_size`` and has ``stride`` null), outputs ``logits`` ``(batch,
 out_channels, H, W)`` and, for a model with an image-level head, ``class_logits`` ``(batch, K)``.
 Everything needed to use the graph outside this project is in its metadata (``metadata_props``,
 :data:`METADATA_KEYS`, JSON values): normalisation, input size, stride and padding rule,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # annotations only: the runner side must not import torch
     from .artifact import LoadedModel
 
 __all__ = ["INPUT_NAME", "METADATA_KEYS", "OPSET", "OUTPUT_NAMES", "TOLERANCE", "OnnxModel", "export_artifact",
-           "export_onnx", "max_logit_difference", "read_metadata"]
+           "export_onnx", "max_logit_difference", "max_probability_difference", "read_metadata"]
 
 OPSET = 18
 INPUT_NAME = "input"
@@ -130,30 +131,36 @@ def export_onnx(loaded: LoadedModel) -> bytes:
 
     model, settings = loaded.model, loaded.settings
     fused = _fixed_same_padding(fuse_conv_bn(model).eval())
-    stride = 2 ** model.depth
-    # An example at the model's input size rounded up to the stride; the sizes are symbolic.
-    h, w = (-(-s // stride) * stride for s in settings.input_size)
-    example = torch.zeros(2, model.in_channels, h, w)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    rows = torch.export.Dim("rows", min=1, max=_MAX_SIDE // stride)
-    cols = torch.export.Dim("cols", min=1, max=_MAX_SIDE // stride)
+    depth = getattr(model, "depth", None)
+    if depth is not None:  # a SegmentationModel: any multiple of its stride
+        stride = 2 ** depth
+        # An example at the model's input size rounded up to the stride; the sizes are symbolic.
+        h, w = (-(-s // stride) * stride for s in settings.input_size)
+        rows = torch.export.Dim("rows", min=1, max=_MAX_SIDE // stride)
+        cols = torch.export.Dim("cols", min=1, max=_MAX_SIDE // stride)
+        dynamic = {0: batch, 2: stride * rows, 3: stride * cols}
+    else:  # an ensemble resizes to each member's own size: the graph takes its input size only
+        stride, (h, w) = None, settings.input_size
+        dynamic = {0: batch}
+    example = torch.zeros(2, model.in_channels, h, w)
     outputs = list(OUTPUT_NAMES if model.image_classes else OUTPUT_NAMES[:1])
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             fused, (example,), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
-            input_names=[INPUT_NAME], output_names=outputs,
-            dynamic_shapes={"x": {0: batch, 2: stride * rows, 3: stride * cols}})
+            input_names=[INPUT_NAME], output_names=outputs, dynamic_shapes={"x": dynamic})
     proto = program.model_proto
     metadata = {
         "model_id": loaded.model_id, "architecture": settings.architecture,
         "input_size": list(settings.input_size), "normalization": settings.normalization,
         "threshold": settings.threshold, "postprocess": settings.postprocess, "stride": stride,
-        "pad_mode": model.pad_mode, "classes": list(CLASSES) if model.image_classes else None,
+        "pad_mode": getattr(model, "pad_mode", None), "classes": list(CLASSES) if model.image_classes else None,
         "in_channels": model.in_channels, "out_channels": model.out_channels,
     }
     onnx.helper.set_model_props(proto, {METADATA_PREFIX + k: json.dumps(v) for k, v in metadata.items()})
     proto.doc_string = (f"{loaded.model_id}: input = (uint8 / 255 - mean) / std at a multiple of the stride "
-                        f"(pad as pad_mode says, crop the logits back); see the unet.* metadata")
+                        f"(pad as pad_mode says, crop the logits back), or exactly input_size when the stride "
+                        f"is null (an ensemble); see the unet.* metadata")
     return proto.SerializeToString()
 
 
@@ -202,6 +209,11 @@ class OnnxModel:
         x = np.asarray(x, dtype=np.float32)
         height, width = x.shape[-2:]
         stride = self.metadata["stride"]
+        if stride is None:  # a fixed-size graph (an ensemble)
+            if [height, width] != self.metadata["input_size"]:
+                raise ValueError(f"this graph ({self.metadata['model_id']}) takes images of exactly its input_size "
+                                 f"{self.metadata['input_size']}; got {height} x {width}: resize them first")
+            stride = 1
         pad_h, pad_w = -height % stride, -width % stride
         top, left = pad_h // 2, pad_w // 2
         if pad_h or pad_w:
@@ -225,17 +237,18 @@ class OnnxModel:
             prob = (prob + expit(flipped_logits)[..., ::-1]) / 2
             if class_prob is not None:
                 class_prob = (class_prob + softmax(flipped_classes, axis=1)) / 2
-        return (prob.astype(np.float32),
-                None if class_prob is None else class_prob.astype(np.float32))
+        return (prob.astype(np.float32, copy=False),
+                None if class_prob is None else class_prob.astype(np.float32, copy=False))
 
 
 def export_artifact(model: str, out: str, *, seed: int = 0) -> dict:
     """Export the artifact ``model`` (name, directory or URI) to ``out`` (path or URI), checked.
 
-    Before writing, ONNX Runtime's logits are compared with PyTorch's on random batches (values
-    in the range of normalised images) at the model's input size and at an odd size one pixel
-    short of it (padded as the model pads); a difference over :data:`TOLERANCE` of the logits'
-    scale is a bug of the exporter and raises ``RuntimeError``. Returns a JSON-ready summary.
+    Before writing, ONNX Runtime's logits and probabilities are compared with PyTorch's on random
+    batches (values in the range of normalised images) at the model's input size and (but for an
+    ensemble) at an odd size one pixel short of it (padded as the model pads); logits further
+    apart than :data:`TOLERANCE` of their scale (for an ensemble: probabilities further apart
+    than it) are a bug of the exporter and raise ``RuntimeError``. Returns a JSON-ready summary.
     """
     import os
 
@@ -253,21 +266,42 @@ def export_artifact(model: str, out: str, *, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     h, w = loaded.settings.input_size
     differences = {}
-    for label, shape in (("input_size", (2, h, w)), ("odd", (1, max(1, h - 1), max(1, w - 1)))):
+    shapes = {"input_size": (2, h, w)}
+    if onnx_model.metadata["stride"] is not None:  # not an ensemble: any size, padded to the stride
+        shapes["odd"] = (1, max(1, h - 1), max(1, w - 1))
+    ensemble = onnx_model.metadata["stride"] is None
+    for label, shape in shapes.items():
         x = torch.randn(shape[0], loaded.model.in_channels, *shape[1:], generator=generator) * 2
         with torch.inference_mode():
             scale = float(loaded.model.predict(x).abs().max())
-        differences[label] = max_logit_difference(loaded, onnx_model, x)
-        if differences[label] > TOLERANCE * max(1.0, scale):
-            raise RuntimeError(f"{model}: ONNX Runtime's logits differ from PyTorch's by {differences[label]:.3g} "
-                               f"(logits up to {scale:.3g}) at {label} {tuple(x.shape)}; the export is wrong")
+        logits, probabilities = (max_logit_difference(loaded, onnx_model, x),
+                                 max_probability_difference(loaded, onnx_model, x))
+        differences[label] = {"logits": float(f"{logits:.3g}"), "probabilities": float(f"{probabilities:.3g}")}
+        # An ensemble's logits are logit(mean probability): the float32 rounding of a probability
+        # near 0 or 1 is magnified up to 1 / (p (1 - p)) there, so its check is on probabilities.
+        if (probabilities > TOLERANCE) if ensemble else (logits > TOLERANCE * max(1.0, scale)):
+            raise RuntimeError(f"{model}: ONNX Runtime's output differs from PyTorch's by {logits:.3g} in logits "
+                               f"(up to {scale:.3g}), {probabilities:.3g} in probabilities at {label} "
+                               f"{tuple(x.shape)}; the export is wrong")
     storage.write_bytes(out, graph)
     session = onnx_model.session
     return {"out": out, "format": "onnx", "model_id": loaded.model_id, "bytes": len(graph), "opset": OPSET,
             "inputs": {i.name: i.shape for i in session.get_inputs()},
             "outputs": {o.name: o.shape for o in session.get_outputs()},
             "metadata": onnx_model.metadata,
-            "max_abs_logit_difference": {k: float(f"{v:.3g}") for k, v in differences.items()}}
+            "max_abs_difference": differences}
+
+
+def max_probability_difference(loaded: LoadedModel, onnx_model: OnnxModel, x) -> float:
+    """Largest absolute difference between PyTorch's and ONNX Runtime's probabilities (mask and
+    class, ``predict_proba``) for the normalised batch ``x``, the torch model in eval mode."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    with torch.inference_mode():
+        want = loaded.model.predict_proba(x)
+    got = onnx_model.predict_proba(x.numpy())
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want) if w is not None)
 
 
 def max_logit_difference(loaded: LoadedModel, onnx_model: OnnxModel, x) -> float:

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..runtime import UsageError
 from .plan import Chunk
 
 __all__ = ["OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler", "delete_parts", "list_parts", "output_schema",
@@ -175,10 +176,10 @@ def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], in
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
     except (OSError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{uri}: cannot read the Parquet footer of this output part ({e}); delete it or "
+        raise UsageError(f"{uri}: cannot read the Parquet footer of this output part ({e}); delete it or "
                          f"run without --incremental") from e
     if META_UNITS not in meta:
-        raise ValueError(f"{uri}: not written by unet.inference (no {META_UNITS.decode()} footer entry); "
+        raise UsageError(f"{uri}: not written by unet.inference (no {META_UNITS.decode()} footer entry); "
                          f"move it out of the output folder")
     postprocess = json.loads(meta[META_POSTPROCESS]) if META_POSTPROCESS in meta else None
     input_root = meta[META_INPUT].decode() if META_INPUT in meta else None

@@ -128,7 +128,7 @@ def iter_listed(uri: str, fs: pafs.FileSystem, root: str, single: bool,
         if kind is None and may_be_dicom(name) and sniff_dicom(fs, path):
             kind = "dicom"
         if kind is None:
-            raise ValueError(f"input {uri} is a file of unsupported type; expected a folder/prefix, or an "
+            raise UsageError(f"input {uri} is a file of unsupported type; expected a folder/prefix, or an "
                              f"image ({', '.join(IMAGE_SUFFIXES)}), DICOM ({', '.join(DICOM_SUFFIXES)}, or no "
                              f"extension and the DICM marker), tar ({', '.join(TAR_SUFFIXES)}) or Parquet file")
         yield name, kind
@@ -157,12 +157,12 @@ def parquet_row_count(fs: pafs.FileSystem, path: str, uri: str, image_column: st
     names = meta.schema.to_arrow_schema().names
     for what, column in (("image_column", image_column), ("id_column", id_column)):
         if column is not None and column not in names:
-            raise ValueError(f"Parquet input {uri} has no column {column!r} ({what}); its columns are "
+            raise UsageError(f"Parquet input {uri} has no column {column!r} ({what}); its columns are "
                              f"{names}. Pass --image-column / --id-column.")
     image_type = meta.schema.to_arrow_schema().field(image_column).type
     if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
             or pa.types.is_binary_view(image_type)):
-        raise ValueError(f"Parquet input {uri}: column {image_column!r} is {image_type}, expected binary "
+        raise UsageError(f"Parquet input {uri}: column {image_column!r} is {image_type}, expected binary "
                          f"(encoded image bytes)")
     return meta.num_rows
 

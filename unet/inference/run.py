@@ -300,11 +300,11 @@ def _settings(config: InferenceConfig, loaded) -> ModelSettings:
         settings = dataclasses.replace(settings, gate_threshold=None)
     classes = getattr(loaded.model, "image_classes", 0)
     if classes and classes != len(CLASSES):
-        raise ValueError(f"{config.model}: the model's image head has {classes} classes; inference reads "
+        raise UsageError(f"{config.model}: the model's image head has {classes} classes; inference reads "
                          f"lesion and malignancy probabilities from a head over {len(CLASSES)} classes "
                          f"{CLASSES}")
     if settings.gate_threshold is not None and not classes:
-        raise ValueError(f"{config.model}: gate threshold {settings.gate_threshold:g} needs a model with an "
+        raise UsageError(f"{config.model}: gate threshold {settings.gate_threshold:g} needs a model with an "
                          f"image-level head, and this one has none (pass --gate-threshold 0 for no gate)")
     return settings
 
