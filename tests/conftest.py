@@ -12,6 +12,13 @@ import uuid
 
 import pytest
 
+# Every Ray this test process starts or joins runs without token authentication, set once before
+# any test imports Ray: Ray's client reads the mode once per process, so a test that switched it
+# for itself (the private autoscaling cluster) left later in-process clusters, whose servers found
+# ~/.ray/auth_token, waiting forever for a token the client never sent. Clusters started with
+# `ray start` in subprocesses (tests/test_cluster.py) set their own mode and token explicitly.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 from unet.testing.s3server import running_s3_server
 
 
