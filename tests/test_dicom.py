@@ -33,7 +33,6 @@ from unet.inference.plan import DoneIndex, PlanWriter, input_root, iter_listed, 
 from unet.inference.read import read_and_decode
 from unet.models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
 INPUT_SIZE = (16, 16)  # frames of this size reach the model unresized: x is the decoded frame
 
 
@@ -298,19 +297,6 @@ def test_identifying_attributes_are_read_only_when_asked(tmp_path):
 # =============================================================================================
 # The job, end to end
 # =============================================================================================
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_the_job_writes_a_row_per_frame_and_identifiers_only_when_asked(ray_local, tmp_path, capsys):

@@ -231,20 +231,6 @@ def head_corpus(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     return root, images
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    # address="local": a new cluster even if another Ray runs on this machine (never join it).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def read_output(uri: str, **kw) -> pd.DataFrame:
     # skip_instance_cache: s3fs caches listings per instance; a reread must see new parts.
     options = {**storage.fsspec_options(uri), "skip_instance_cache": True} if storage.is_s3(uri) else None

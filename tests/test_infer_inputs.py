@@ -326,19 +326,6 @@ def test_permanent_errors_are_not_retried(tmp_path, monkeypatch):
 # The job on a local Ray: hostile inputs end to end, and 6. incremental runs with other settings
 # =============================================================================================
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def tiny_model(dest: Path, seed: int) -> str:
     torch.manual_seed(seed)
     model = build_model("unet", channels=(4, 8)).eval()
@@ -394,6 +381,8 @@ def test_incremental_against_an_output_made_with_other_settings_refuses(hostile_
         ({"tta": True}, "tta false, this run true"),
         ({"min_area": 0.01}, "min_area 0.0, this run 0.01"),
         ({"largest_component": True}, "largest_component false, this run true"),
+        ({"save_probabilities": True}, "save_probabilities false, this run true"),
+        ({"dicom_columns": ("PatientID",)}, 'dicom_columns [], this run ["PatientID"]'),
     ]:
         before = sorted(p.name for p in out.iterdir())
         with pytest.raises(UsageError, match=r"--incremental: .* already holds masks made with other settings") as e:

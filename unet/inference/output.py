@@ -66,7 +66,7 @@ META_UNITS = b"unet.infer.units"
 META_KIND = b"unet.infer.kind"
 META_ERRORS = b"unet.infer.errors"
 META_MODEL = b"unet.infer.model_id"
-META_POSTPROCESS = b"unet.infer.postprocess"  # JSON: threshold, gate, min area, largest component, tta
+META_POSTPROCESS = b"unet.infer.postprocess"  # JSON: threshold, gate, min area, largest component, tta, optional columns
 META_INPUT = b"unet.infer.input"  # the input root URI that the unit keys are relative to
 
 

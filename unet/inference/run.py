@@ -250,7 +250,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
         existing = list_parts(out_fs, out_path, config.output)
         with tempfile.TemporaryDirectory(prefix="unet-infer-") as scratch:
             done = _done_index(config, scratch, existing, out_fs, out_path, loaded.model_id,
-                               _used_postprocess(settings), root_uri, summary) if config.incremental else None
+                               _part_settings(settings, config), root_uri, summary) if config.incremental else None
             try:
                 chunks, summary.units_planned, summary.units_skipped = plan_inputs(
                     config, in_fs, root, root_uri, single, done, plan)
@@ -310,8 +310,15 @@ def _settings(config: InferenceConfig, loaded) -> ModelSettings:
 
 
 def _used_postprocess(settings: ModelSettings) -> dict:
-    """The post-processing a run uses, as recorded in its run record and its parts' footers."""
+    """The post-processing a run uses, as recorded in its run record."""
     return {"threshold": settings.threshold, **settings.postprocess}
+
+
+def _part_settings(settings: ModelSettings, config: InferenceConfig) -> dict:
+    """What a part's rows depend on besides model and input, recorded in its footer: the
+    post-processing and the optional columns (so an incremental run cannot mix parts that differ)."""
+    return {**_used_postprocess(settings), "save_probabilities": config.save_probabilities,
+            "dicom_columns": list(config.dicom_columns)}
 
 
 def _done_index(config: InferenceConfig, scratch: str, existing: list[str], out_fs, out_path: str,
@@ -401,7 +408,7 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
             name = part_name(chunk.key)
 
             def job():
-                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _used_postprocess(settings), root_uri,
+                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _part_settings(settings, config), root_uri,
                                               config.dicom_columns)
                 storage.write_bytes(storage.join(config.output, name), data)
                 return ok, errors

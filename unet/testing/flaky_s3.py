@@ -125,12 +125,15 @@ class FlakyS3Proxy:
         status, headers, data = await self._forward(request, body)
         if kind == "truncate" and len(data) >= 2:
             self._count(kind)
+            transport = request.transport  # taken before the response starts: the drop must happen
             response = web.StreamResponse(status=status, headers=headers)
             response.content_length = len(data)
             await response.prepare(request)
             await response.write(data[: len(data) // 2])
             await asyncio.sleep(0.05)  # let the half body leave before the connection drops
-            request.transport.abort()
+            if transport is None or transport.is_closing():
+                raise RuntimeError("flaky S3: no connection left to drop after a truncated body")
+            transport.abort()
             raise ConnectionResetError("flaky S3: truncated body")
         if request.method == "HEAD":  # no body; Content-Length (the object's size) as the server said
             response = web.StreamResponse(status=status, headers=headers)
