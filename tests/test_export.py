@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_infer import direct_prediction, gray, head_corpus, head_model_dir, ray_local, read_output
+from test_infer import direct_prediction, gray, head_corpus, head_model_dir, read_output
 
 from unet import inference as inf
 from unet.artifact import load_artifact, save_artifact
