@@ -47,6 +47,52 @@ def test_failures_are_seeded_and_replay_in_any_order():
         FlakyS3Proxy("http://127.0.0.1:1", kinds=["timeout"])
 
 
+def test_first_attempts_fail_every_request_once_then_let_its_retry_through():
+    proxy = FlakyS3Proxy("http://127.0.0.1:1", rate=1.0, seed=0, kinds=["500"], first_attempts=1)
+    assert [proxy.decide("GET", "/b/k") for _ in range(3)] == ["500", None, None]
+
+
+def test_small_reads_are_retried_beyond_the_s3_clients_own_attempts(s3_server, monkeypatch):
+    """CI saw a run's last lease read fail after all its parts were written ("Failed to flush
+    response stream" on a GET, which the S3 client gave up on). storage.read_bytes and output
+    footers open the object again when a read fails transiently; here every request fails twice
+    (a 503, or a body cut in half) and the client makes 2 attempts, so only that retry gets through."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unet import storage
+    from unet.inference.lease import OutputLease
+    from unet.inference.output import META_UNITS, read_footer
+
+    bucket = s3_server.create_bucket(f"cut-{uuid.uuid4().hex[:8]}")
+    payload = os.urandom(50_000)
+    direct = s3_server.filesystem()
+    with direct.open_output_stream(f"{bucket[5:]}/blob") as f:
+        f.write(payload)
+    table = pa.table({"x": [1]}).replace_schema_metadata({META_UNITS: b'["u"]'})
+    pq.write_table(table, f"{bucket[5:]}/part.parquet", filesystem=direct)
+    monkeypatch.setattr(storage, "RETRY_DELAY_S", 0.01)
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with FlakyS3Proxy(s3_server.endpoint, rate=1.0, seed=0, kinds=["truncate"], first_attempts=2) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        fs, path = storage.get_filesystem(f"{bucket}/blob")
+        with pytest.raises(OSError), fs.open_input_stream(path) as f:  # the client alone gives up
+            f.read()
+        assert storage.read_bytes(f"{bucket}/blob") == payload
+        assert read_footer(fs, f"{bucket[5:]}/part.parquet", f"{bucket}/part.parquet")[0] == ["u"]
+        assert proxy.counts["truncate"] >= 2, proxy.summary()
+    # The lease's own requests (conditional PUT, reads, delete) through a store that fails each once.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    with FlakyS3Proxy(s3_server.endpoint, rate=1.0, seed=0, kinds=["truncate"], first_attempts=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        with OutputLease(f"{bucket}/out", "run-a") as lease:
+            lease.renew()
+        assert not lease.lost and not storage.exists(f"{bucket}/out/_lease.json")
+        assert proxy.counts["truncate"] >= 1, proxy.summary()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_failure_kind_is_injected_and_the_client_recovers(s3_server, kind):

@@ -292,7 +292,7 @@ def flaky_inputs(root: Path) -> None:
 
 
 def test_transient_errors_in_tar_and_parquet_reads_are_retried(tmp_path, monkeypatch):
-    monkeypatch.setattr("unet.inference.read.RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr("unet.storage.RETRY_DELAY_S", 0.01)
     monkeypatch.setattr("unet.inference.read.TAR_BUFFER_BYTES", 8192)  # many reads per tar
     flaky_inputs(tmp_path / "in")
     fs, flaky = flaky_fs(fail_at=3)
@@ -302,7 +302,7 @@ def test_transient_errors_in_tar_and_parquet_reads_are_retried(tmp_path, monkeyp
 
 
 def test_reads_that_keep_failing_become_error_rows_after_the_retries(tmp_path, monkeypatch):
-    monkeypatch.setattr("unet.inference.read.RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr("unet.storage.RETRY_DELAY_S", 0.01)
     flaky_inputs(tmp_path / "in")
     (tmp_path / "in" / "a.png").write_bytes(png())
     fs, flaky = flaky_fs(always=True)
@@ -314,7 +314,7 @@ def test_reads_that_keep_failing_become_error_rows_after_the_retries(tmp_path, m
 
 
 def test_permanent_errors_are_not_retried(tmp_path, monkeypatch):
-    monkeypatch.setattr("unet.inference.read.RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr("unet.storage.RETRY_DELAY_S", 0.01)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(png())
     fs, flaky = flaky_fs(always=True, error=PermissionError)

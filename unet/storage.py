@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -385,6 +388,47 @@ def _raise_if_bucket_missing(fs: pafs.FileSystem, uri: str, action: str, **stora
         raise translate_error(uri, OSError(f"NoSuchBucket: Bucket '{bucket}'"), action, **storage_kw)
 
 
+# --- transient failures --------------------------------------------------------------------------
+
+# Attempts per read, as the S3 client's retry strategy; waits of 0.2 s, 0.4 s, ... The S3 client
+# retries a failed request, but not a body that breaks off after a good status line (a reset in the
+# middle of a GET): reads are retried here, from the same byte.
+READ_ATTEMPTS = 3
+RETRY_DELAY_S = 0.2
+
+# Failures that another attempt cannot fix: no such object, no permission, a folder.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_TEXT = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_KEY", "NoSuchKey", "NO_SUCH_BUCKET", "NoSuchBucket",
+                   "HTTP status 403", "HTTP status 404", "Forbidden", "Path does not exist")
+_PERMANENT_ERRNO = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed read is worth another attempt: an ``OSError`` from the store or the network
+    (reset, timeout, 5xx, EIO), not a missing or forbidden file. Bad data (a corrupt archive, an
+    image that does not decode) is never retried: it is not an ``OSError`` from the file system."""
+    if not isinstance(error, OSError) or isinstance(error, _PERMANENT) or error.errno in _PERMANENT_ERRNO:
+        return False
+    return not any(text in str(error) for text in _PERMANENT_TEXT)
+
+
+def retry_wait(attempt: int) -> None:
+    """Sleep before attempt ``attempt + 1``: exponential, with jitter."""
+    time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+
+
+def retrying(op):
+    """``op()``, repeated up to :data:`READ_ATTEMPTS` times while it fails transiently."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return op()
+        except OSError as e:
+            if attempt == READ_ATTEMPTS or not is_transient(e):
+                raise
+            retry_wait(attempt)
+    raise AssertionError("unreachable")
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 def exists(uri: str, **storage_kw) -> bool:
@@ -395,11 +439,15 @@ def exists(uri: str, **storage_kw) -> bool:
 
 
 def read_bytes(uri: str, **storage_kw) -> bytes:
-    """Whole content of the file at ``uri``."""
+    """Whole content of the file at ``uri``; a transient failure is retried (:func:`retrying`)."""
     fs, path = get_filesystem(uri, **storage_kw)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return retrying(read)
     except FileNotFoundError as e:
         _raise_if_bucket_missing(fs, uri, "read", **storage_kw)
         raise translate_error(uri, e, "read", **storage_kw) from e
@@ -429,8 +477,13 @@ def write_bytes(uri: str, data: bytes, **storage_kw) -> None:
             raise translate_error(uri, e, "write") from e
         return
     _raise_if_bucket_missing(fs, uri, "write", **storage_kw)
-    with errors(uri, "write", **storage_kw), fs.open_output_stream(path) as f:
-        f.write(data)
+
+    def write() -> None:  # a whole object, so a transient failure is simply written again
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    with errors(uri, "write", **storage_kw):
+        retrying(write)
 
 
 def makedirs(uri: str, **storage_kw) -> None:

@@ -212,5 +212,10 @@ class OutputLease:
         return self
 
     def __exit__(self, *exc) -> None:
-        with contextlib.suppress(OSError) if exc[0] is not None else contextlib.nullcontext():
+        # The run's parts are committed (or it failed anyway): a store that cannot be reached now
+        # costs the next run a wait until the lease expires, not the run's result.
+        try:
             self.release()
+        except OSError as e:
+            logger.warning("could not release the lease on %s (%s); it expires %g s after its last renewal",
+                           self.output, e, self.ttl_s)

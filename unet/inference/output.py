@@ -172,9 +172,12 @@ def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:
 def read_footer(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], int, str, dict | None, str | None]:
     """(unit keys, error rows, model_id, post-processing, input root) recorded in an output part's
     footer; the post-processing and input root are None for parts written before they were recorded."""
-    try:
+    def footer() -> dict:
         with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            return pq.ParquetFile(f).schema_arrow.metadata or {}
+
+    try:
+        meta = storage.retrying(footer)
     except (OSError, pa.ArrowInvalid) as e:
         raise UsageError(f"{uri}: cannot read the Parquet footer of this output part ({e}); delete it or "
                          f"run without --incremental") from e

@@ -14,13 +14,10 @@ tar or a Parquet file does not turn the rest of it into error rows.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import random
 import re
 import tarfile
-import time
 import zlib
 from collections.abc import Iterator
 
@@ -30,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..storage import READ_ATTEMPTS, is_transient
 from ..dicom import has_dicom_marker, may_be_dicom, read_dicom
 from ..transforms import resize_image, single_threaded_opencv
 from .decode import DecodeError, decode_image, describe_error
@@ -42,26 +40,6 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Decoded rows per batch handed downstream (bounds a read task's memory inside a big tar).
 ROWS_PER_BATCH = 32
 TAR_BUFFER_BYTES = 4 * 1024 * 1024
-# Attempts per read, as the S3 client's retry strategy (unet.storage); waits of 0.2 s, 0.4 s, ...
-READ_ATTEMPTS = 3
-RETRY_DELAY_S = 0.2
-
-# Failures that another attempt cannot fix: no such object, no permission, a folder.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_PERMANENT_TEXT = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_KEY", "NoSuchKey", "NO_SUCH_BUCKET", "NoSuchBucket",
-                   "HTTP status 403", "HTTP status 404", "Forbidden", "Path does not exist")
-_PERMANENT_ERRNO = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a failed read is worth another attempt: an ``OSError`` from the store or the network
-    (reset, timeout, 5xx, EIO), not a missing or forbidden file. Bad data (a corrupt archive, an
-    image that does not decode) is never retried: it is not an ``OSError`` from the file system."""
-    if not isinstance(error, OSError) or isinstance(error, _PERMANENT) or error.errno in _PERMANENT_ERRNO:
-        return False
-    return not any(text in str(error) for text in _PERMANENT_TEXT)
-
-
 class RetryingReader(io.RawIOBase):
     """A read-only, seekable file that survives transient read errors.
 
@@ -90,7 +68,7 @@ class RetryingReader(io.RawIOBase):
                     raise
                 self._drop()
                 self.retries += 1
-                time.sleep(RETRY_DELAY_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+                storage.retry_wait(attempt)
         raise AssertionError("unreachable")
 
     def _drop(self) -> None:

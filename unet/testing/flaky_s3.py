@@ -11,8 +11,10 @@ Failure kinds (:data:`KINDS`):
   dropped (GET requests with a body; other requests that draw it get a ``503`` instead).
 
 Whether the n-th request for the same method and URL fails, and how, is a function of
-``(seed, method, URL, n)`` alone, so a failure replays with the same seed whatever the order in
-which concurrent clients send their requests. :attr:`FlakyS3Proxy.counts` counts the requests and
+``(seed, method, URL, n)`` alone (a multipart upload's id left out of the URL), so a failure
+replays with the same seed whatever the order in which concurrent clients send their requests.
+With ``first_attempts=k`` only ``n < k`` may fail: ``rate=1.0, first_attempts=1`` fails every
+request once and lets its retry through. :attr:`FlakyS3Proxy.counts` counts the requests and
 the failures injected, by kind; :meth:`FlakyS3Proxy.summary` says it in one line.
 
 The proxy passes the client's ``Host`` header on, so AWS signatures made for the proxy's address
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import re
 import threading
 from collections.abc import Sequence
 
@@ -41,17 +44,20 @@ _SKIP_REQUEST = {"connection", "keep-alive", "proxy-connection", "te", "trailer"
                  "expect", "content-length"}
 _SKIP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 
+_UPLOAD_ID = re.compile(r"uploadId=[^&]*")
+
 _ERRORS = {"500": ("InternalError", "We encountered an internal error. Please try again."),
            "503": ("SlowDown", "Please reduce your request rate.")}
 
 
 class FlakyS3Proxy:
     """Proxy ``upstream`` (``http://host:port``) on ``http://127.0.0.1:<port>``, failing ``rate`` of
-    the requests with the ``kinds`` of failure, chosen by ``seed``. A context manager: the proxy
+    the requests with the ``kinds`` of failure, chosen by ``seed`` (only the first ``first_attempts``
+    attempts of a request, when given). A context manager: the proxy
     serves from a background thread while the block runs."""
 
     def __init__(self, upstream: str, *, rate: float = 0.1, seed: int = 0, kinds: Sequence[str] = KINDS,
-                 stall_s: float = 5.0):
+                 stall_s: float = 5.0, first_attempts: int | None = None):
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown or not kinds:
             raise ValueError(f"kinds={list(kinds)!r}: choose from {', '.join(KINDS)}")
@@ -59,6 +65,7 @@ class FlakyS3Proxy:
             raise ValueError(f"rate={rate!r} must be in [0, 1]")
         self.upstream = upstream.rstrip("/")
         self.rate, self.seed, self.kinds, self.stall_s = float(rate), int(seed), tuple(kinds), float(stall_s)
+        self.first_attempts = first_attempts
         self.counts: collections.Counter[str] = collections.Counter()  # "requests" and one entry per kind
         self.endpoint = ""
         self._seen: collections.Counter[str] = collections.Counter()
@@ -73,11 +80,14 @@ class FlakyS3Proxy:
 
     def decide(self, method: str, url: str) -> str | None:
         """The failure for this request (None: pass it on); counts it."""
-        key = f"{method} {url}"
+        # The server's random upload ids would make a multipart upload's draws differ from run to run.
+        key = f"{method} {_UPLOAD_ID.sub('uploadId=*', url)}"
         with self._lock:
             n = self._seen[key]
             self._seen[key] += 1
             self.counts["requests"] += 1
+        if self.first_attempts is not None and n >= self.first_attempts:
+            return None
         digest = hashlib.blake2b(f"{self.seed}|{key}|{n}".encode(), digest_size=16).digest()
         draw = int.from_bytes(digest[:8], "big") / 2**64
         if draw >= self.rate:
