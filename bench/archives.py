@@ -24,21 +24,33 @@ from unet.testing.s3server import S3Server, running_s3_server
 # Archives: phantom images as files, a Parquet table, tar shards; read back; a model artifact
 # ---------------------------------------------------------------------------------------------
 
-def phantom_pngs(unique: int, size: tuple[int, int] = (256, 256), seed: int = 0) -> list[bytes]:
-    """``unique`` distinct phantom images encoded as RGB PNGs (BUSI stores RGB)."""
+# (height, width) of BUSI's scans at its size quantiles (5 % ... 95 %; 623 images, mean 0.32 MP,
+# H 310-719, W 233-1048): ``size="busi"`` cycles through them, so an archive has real-size images.
+BUSI_SIZES = ((400, 470), (446, 512), (465, 554), (471, 560), (474, 564), (490, 600), (576, 736),
+              (580, 760), (591, 777), (719, 1048))
+
+
+def phantom_pngs(unique: int, size: tuple[int, int] | str = (256, 256), seed: int = 0) -> list[bytes]:
+    """``unique`` distinct phantom images encoded as RGB PNGs (BUSI stores RGB), all ``size`` =
+    (height, width), or ``"busi"``: sizes taken in turn from :data:`BUSI_SIZES`."""
     from PIL import Image
 
     from unet.phantoms import generate
 
+    if size == "busi":
+        images = [next(generate(1, seed=seed * 100_003 + i, size=BUSI_SIZES[i % len(BUSI_SIZES)])).image
+                  for i in range(unique)]
+    else:
+        images = [p.image for p in generate(unique, seed=seed, size=tuple(size))]
     out = []
-    for p in generate(unique, seed=seed, size=size):
+    for image in images:
         buf = io.BytesIO()
-        Image.fromarray(np.repeat(p.image[:, :, None], 3, axis=2), mode="RGB").save(buf, format="PNG")
+        Image.fromarray(np.repeat(image[:, :, None], 3, axis=2), mode="RGB").save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 
 
-def write_image_folder(root: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
+def write_image_folder(root: Path, n: int, size: tuple[int, int] | str = (256, 256), unique: int = 32,
                        per_dir: int = 500) -> Path:
     """``n`` PNG files under ``root`` (``per_dir`` per sub-folder, like a real archive)."""
     pngs = phantom_pngs(min(unique, n), size)
@@ -50,7 +62,7 @@ def write_image_folder(root: Path, n: int, size: tuple[int, int] = (256, 256), u
     return root
 
 
-def write_parquet_table(path: Path, n: int, size: tuple[int, int] = (256, 256), unique: int = 32,
+def write_parquet_table(path: Path, n: int, size: tuple[int, int] | str = (256, 256), unique: int = 32,
                         column: str = "image") -> Path:
     """One Parquet file of ``n`` rows: ``id`` string and ``column`` binary (PNG bytes)."""
     import pyarrow as pa
@@ -66,7 +78,7 @@ def write_parquet_table(path: Path, n: int, size: tuple[int, int] = (256, 256), 
     return path
 
 
-def write_tar_shards(root: Path, n: int, per_shard: int = 500, size: tuple[int, int] = (256, 256),
+def write_tar_shards(root: Path, n: int, per_shard: int = 500, size: tuple[int, int] | str = (256, 256),
                      unique: int = 32) -> Path:
     """WebDataset-style tar shards holding ``n`` PNG members in total."""
     pngs = phantom_pngs(min(unique, n), size)
@@ -81,7 +93,7 @@ def write_tar_shards(root: Path, n: int, per_shard: int = 500, size: tuple[int, 
     return root
 
 
-def write_input(kind: str, root: Path, n: int, size: tuple[int, int] = (256, 256)) -> Path:
+def write_input(kind: str, root: Path, n: int, size: tuple[int, int] | str = (256, 256)) -> Path:
     """An archive of ``n`` images of the given ``kind`` (folder | parquet | tar) under ``root``."""
     if kind == "folder":
         return write_image_folder(root / "images", n, size)

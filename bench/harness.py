@@ -154,6 +154,8 @@ def add_infer_args(p: argparse.ArgumentParser, *, n: int, size: int, input_size:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=workers, help=workers_help)
     p.add_argument("--cpus-per-worker", type=float, default=cpus_per_worker, help=cpus_help)
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="with --gpu: GPU share of each model actor (default 1; 0.25: four actors per GPU)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the job's local Ray (default: all)")
     p.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temp dir, removed)")
 
@@ -167,7 +169,7 @@ def infer_job_args(args: argparse.Namespace, model_ref: str) -> list[str]:
     if args.num_cpus:
         job += ["--num-cpus", str(args.num_cpus)]
     if args.gpu:
-        job += ["--gpus-per-worker", "1"]
+        job += ["--gpus-per-worker", f"{args.gpus_per_worker:g}"]
     return job
 
 
@@ -291,7 +293,7 @@ def ray_data_timeline(driver_pid: int) -> dict | None:
         name, body = m.group(1), m.group(2)
         metrics = {}
         for key in ("function_body_time_s", "rows_task_outputs_generated", "num_tasks_finished",
-                    "task_completion_time_s", "block_transform_time_s"):
+                    "task_completion_time_s", "block_transform_time_s", "bytes_outputs_of_finished_tasks"):
             km = re.search(rf"'{key}': ([\d.eE+-]+|None)", body)
             metrics[key] = None if not km or km.group(1) == "None" else ast.literal_eval(km.group(1))
         first = re.search(_TS + rf".*Executing map task of operator {re.escape(name)} with task index 0\b", text)
@@ -339,4 +341,16 @@ def measure_infer_job(job_args: Sequence[str], *, input_uri: str, n: int, output
         out["actor_model_s"] = predictor["function_body_time_s"]
         out["actor_model_images_per_s"] = n * workers / predictor["function_body_time_s"]
         out["model_busy"] = out["pipeline_images_per_s"] / out["actor_model_images_per_s"]
+    out["bytes_per_image"] = stage_bytes_per_image(timeline, n)
+    return out
+
+
+def stage_bytes_per_image(timeline: dict | None, n: int) -> dict[str, int]:
+    """Bytes each pipeline step handed to the next (its finished tasks' output blocks in the object
+    store), per image: what crosses between processes (and, on a GPU node, what the actor must
+    receive and send back). Shown here, on CPU, a regression costs nothing yet; on a GPU it does."""
+    out = {}
+    for name, metrics in ((timeline or {}).get("operators") or {}).items():
+        if metrics.get("bytes_outputs_of_finished_tasks"):
+            out[name.removeprefix("MapBatches(").removesuffix(")")] = round(metrics["bytes_outputs_of_finished_tasks"] / n)
     return out

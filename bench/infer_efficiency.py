@@ -25,6 +25,11 @@ pipeline rate / that rate = the fraction of the pipeline's time the model was co
 (decoding, post-processing, Ray's scheduling in the driver) slows the model down by sharing its
 CPUs; on a loaded machine only "model busy" is meaningful.
 
+Also reported, per image: the bytes each pipeline step hands to the next (from Ray Data's metrics)
+and the model actor's time outside the model itself (its time in ``Predictor`` minus the model-only
+time): on a GPU node these are what the GPU waits for, and here a regression shows before it
+costs anything.
+
 Goal: ratio >= 0.90 — the pipeline keeps the model busy (decoding, post-processing and writing
 run on the other CPU, overlapped with the forward passes).
 
@@ -157,10 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"= {pipe_ips:.1f} images/s; whole run {jobm['wall_s']:.1f}s = {wall_ips:.1f} images/s")
         say(f"model inside the job's actor: {actor_ips:.1f} images/s ({jobm['actor_model_s']:.1f}s in Predictor)")
         ops = jobm["ray_data"]["operators"]
-        for op in ("MapBatches(read_and_decode)", "MapBatches(Predictor)", "MapBatches(postprocess)"):
+        for op in ("MapBatches(read_and_decode_plan)", "MapBatches(Predictor)", "MapBatches(postprocess)"):
             if ops.get(op, {}).get("function_body_time_s"):
                 say(f"  {op}: {1000 * ops[op]['function_body_time_s'] / args.n:.1f} ms per image inside the "
                     f"function, first task at +{ops[op]['first_task_t']}s")
+        # Per image, CPU-measurable signs of what a GPU would wait for: the bytes each step hands to
+        # the next, and the actor's time beyond the model's own (moving batches in and out).
+        outside_ms = 1000 / actor_ips - 1000 / baseline
+        say("bytes per image handed on: " + ", ".join(f"{k} {v:,}" for k, v in jobm["bytes_per_image"].items())
+            + f"; the actor's time outside the model: {outside_ms:.2f} ms per image")
         busy = jobm["model_busy"]
         ratio = pipe_ips / baseline
         ratio_wall = wall_ips / baseline
@@ -169,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
             "met": ratio >= GOAL, "config": vars(args), "threads": threads, "model_id": loaded.model_id,
             "input_uri": in_uri, "output_uri": out_uri, "job": jobm,
             "model_only_in_process": {"before": before, "after": after, "mean_images_per_s": baseline},
-            "model_busy": round(busy, 3),
+            "model_busy": round(busy, 3), "bytes_per_image": jobm["bytes_per_image"],
+            "actor_outside_model_ms_per_image": round(outside_ms, 3),
             "ratio_wall": round(ratio_wall, 3),
             "images_for_wall_ratio_goal": (int(GOAL * startup_s * pipe_ips / (ratio - GOAL)) + 1
                                            if ratio > GOAL else None),

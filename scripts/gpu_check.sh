@@ -10,10 +10,37 @@
 # Inputs: .gpu/busi_small (python -m jobs.prepare ... --max-side 288, train/val of BUSI) and, on a
 # machine without Ray, .gpu/site.tar.xz (the missing packages unpacked into one tarball); see
 # docs/operations.md, "Running the GPU checks".
+# SWEEP=1 runs only the inference sweep of #16 (under 8 minutes): bench.infer_efficiency --gpu over
+# 20,000 phantom images of 256x256 for several model actors per GPU and batch sizes, one table.
 set -u  # the results of one run (2026-11-29) are in README.md, "Measured on a GPU"
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+if [ "${SWEEP:-0}" = 1 ]; then
+  if [ "${DRY:-0}" = 1 ]; then PY=.venv/bin/python; N=48; GPU=""; SIDE=48; ISZ=32; SETTINGS="1:1:8 2:0.5:8"
+  else
+    mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 3
+    export PYTHONPATH=/tmp/site:$PWD
+    PY=python3; N=${N:-20000}; GPU="--gpu"; SIDE=256; ISZ=256
+    SETTINGS=${SETTINGS:-"1:1:64 1:1:256 2:0.5:128 4:0.25:128 4:0.25:256"}  # actors:GPU each:batch
+  fi
+  export UNET_BENCH_RESULTS=$OUT/sweep; mkdir -p $OUT/sweep
+  printf "%-8s %-10s %-6s %-14s %-12s %-12s %s\n" actors gpu_each batch "job images/s" "model-only" ratio "bytes/image handed on" | tee $OUT/sweep.txt
+  for s in $SETTINGS; do
+    IFS=: read W G B <<< "$s"
+    $PY -m bench.infer_efficiency $GPU --n $N --size $SIDE --input-size $ISZ --workers $W --gpus-per-worker $G \
+      --cpus-per-worker 1 --batch-size $B > $OUT/sweep/log-$W-$G-$B.txt 2>&1
+    $PY - "$OUT/sweep/infer_efficiency.json" "$W" "$G" "$B" <<'PY' | tee -a $OUT/sweep.txt
+import json, sys
+r = json.load(open(sys.argv[1])); j = r["job"]
+print(f"{sys.argv[2]:<8} {sys.argv[3]:<10} {sys.argv[4]:<6} {j['pipeline_images_per_s']:<14.0f} "
+      f"{r['model_only_in_process']['mean_images_per_s']:<12.0f} {r['ratio']:<12.2f} {r['bytes_per_image']}")
+PY
+    mv $OUT/sweep/infer_efficiency.json $OUT/sweep/infer_efficiency-$W-$G-$B.json 2>/dev/null
+  done
+  echo "[t=$(el)s] sweep done" | tee -a $OUT/sweep.txt
+  exit 0
+fi
 if [ "${DRY:-0}" = 1 ]; then
   PY=.venv/bin/python; G=""; GI="--gpus-per-worker 0"; EP=2; WU=0; BS=4; SZ=64; NB=16; BUDGET=99999; TRAIN_T=600
 else

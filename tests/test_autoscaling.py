@@ -282,7 +282,7 @@ def test_train_and_infer_submitted_to_a_cluster_with_no_workers_scale_it_up_and_
         # cpu_worker node (its other CPU for Ray Data), not a share of the 0 CPUs up at submit.
         assert ("resources: 1-2 worker(s) x {'CPU': 1.0} + 1 CPU for Ray Data on node type(s) cpu_worker, "
                 "gpu_1x_a10g (autoscaling; 0 CPU / 0 GPU up now)") in train_out, train_out
-        assert ("resources: 1 model actor(s) x {'CPU': 1.0} + 1 CPU for reading and decoding on node type(s) "
+        assert ("resources: 1 model actor(s) x {'CPU': 1.0} + 0.5 CPU for reading and decoding on node type(s) "
                 "cpu_worker, gpu_1x_a10g (autoscaling; 0 CPU / 0 GPU up now)") in infer_out, infer_out
         assert "model artifact:" in train_out
         assert json.loads(infer_out.strip().splitlines()[-1])["rows_ok"] == 4

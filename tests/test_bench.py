@@ -26,7 +26,7 @@ TINY_INFER = ["--n", "16", "--size", "48", "--input-size", "32", "--batch-size",
 CASES = {  # "<module> [variant]" -> arguments
     "infer_efficiency": TINY_INFER,
     "infer_efficiency --s3": [*TINY_INFER, "--s3"],
-    "infer_vs_naive": [*TINY_INFER, "--rounds", "1"],
+    "infer_vs_naive": [*TINY_INFER, "--rounds", "1", "--sizes", "square", "--model", "random"],
     "infer_memory": ["--n", "8", "--factor", "2", "--size", "32", "--input-size", "32"],
     "train_throughput": ["--num", "24", "--size", "48", "--image-size", "32", "--epochs", "2", "--batch-size", "4"],
     "model_speed": ["--no-compile", "--rounds", "1", "--iters", "1", "--batch-size", "2", "--input-size", "32"],

@@ -728,19 +728,20 @@ def test_parquet_without_the_image_column_fails_fast_naming_the_file(ray_local, 
 def test_workers_leaving_no_cpu_for_reading_are_refused_naming_the_step(ray_local, model_dir, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(png(gray(12, 12)))
-    # 2 x 0.75 leaves half a CPU, but Ray Data's repartition step asks for a whole one: the run
-    # would wait forever, so it is refused before it starts.
-    with pytest.raises(UsageError, match=r"2 x --cpus-per-worker 0.75 = 1.5 CPUs for the model, plus 1 for "
+    # 2 x 0.8 leaves 0.4 CPU, and reading/decoding and post-processing tasks ask for 0.5 each: the
+    # run would wait forever, so it is refused before it starts.
+    with pytest.raises(UsageError, match=r"2 x --cpus-per-worker 0.8 = 1.6 CPUs for the model, plus 0.5 for "
                                          r"reading and decoding, but the Ray cluster has 2 CPUs"):
-        inf.run_inference(config(model_dir, tmp_path / "in", tmp_path / "out", workers=2, cpus_per_worker=0.75))
+        inf.run_inference(config(model_dir, tmp_path / "in", tmp_path / "out", workers=2, cpus_per_worker=0.8))
     assert not (tmp_path / "out").exists() or not part_files(tmp_path / "out")
 
 
 @pytest.mark.slow
 def test_fractional_workers_that_fill_the_cpus_still_finish(model_dir, tmp_path):
-    """2 actors x 0.5 CPU + 1 for the other steps = exactly 2 CPUs, which the resource check
-    allows: every step must then find a CPU beside the actors (once, 2 x 0.75 passed the check
-    and waited forever). Its own 2-CPU Ray in a subprocess, with a timeout, so a hang fails."""
+    """2 actors x 0.75 CPU + 0.5 for the other steps = exactly 2 CPUs, which the resource check
+    allows: every step must then find its share beside the actors (once, with Ray Data's
+    repartition asking for a whole CPU, such a run passed the check and waited forever). Its own
+    2-CPU Ray in a subprocess, with a timeout, so a hang fails."""
     root = tmp_path / "in"
     root.mkdir()
     for i, p in enumerate(generate(12, seed=5, size=(24, 24))):
@@ -748,7 +749,7 @@ def test_fractional_workers_that_fill_the_cpus_still_finish(model_dir, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.infer", "--model", str(model_dir), "--input", str(root),
-         "--output", str(tmp_path / "out"), "--workers", "2", "--cpus-per-worker", "0.5",
+         "--output", str(tmp_path / "out"), "--workers", "2", "--cpus-per-worker", "0.75",
          "--num-cpus", "2", "--chunk-size", "4", "--batch-size", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

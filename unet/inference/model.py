@@ -103,12 +103,18 @@ class Predictor:
 
     def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (n, H, W), class probabilities (n, K) or None) for uint8 ``x`` (n, H, W)."""
-        inputs = normalize(x, self.settings.mean, self.settings.std)[:, None]
         if self.onnx is not None:
+            inputs = normalize(x, self.settings.mean, self.settings.std)[:, None]
             p, class_prob = self.onnx.predict_proba(inputs, tta=self.settings.tta)
             return p[:, 0], class_prob
         torch = self.torch
-        inputs = torch.from_numpy(inputs).to(self.device).contiguous(memory_format=torch.channels_last)
+        # uint8 crosses to the device (a quarter of float32's bytes), from pinned memory without
+        # blocking; normalised there, as unet.transforms.normalize does (the same float32 steps).
+        inputs = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            inputs = inputs.pin_memory().to(self.device, non_blocking=True)
+        inputs = ((inputs.float() / 255.0 - self.settings.mean) / self.settings.std)[:, None]
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         amp = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:

@@ -28,13 +28,16 @@ from ..runtime import UsageError
 if TYPE_CHECKING:
     from .run import InferenceConfig
 
-__all__ = ["DICOM_SUFFIXES", "IMAGE_SUFFIXES", "PARQUET_SUFFIXES", "TAR_SUFFIXES", "Chunk", "DoneIndex", "PlanWriter",
+__all__ = ["DICOM_SUFFIXES", "IMAGE_SUFFIXES", "PARQUET_SUFFIXES", "READ_ROWS_PER_TASK", "TAR_SUFFIXES", "Chunk", "DoneIndex", "PlanWriter",
            "Unit", "escape_name", "fs_path", "input_root", "kind_of", "plan_inputs", "subtract_ranges"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 PLAN_ROWS_PER_FILE = 50_000
+# Plan rows per read/decode task (a row group of a plan file): enough images that scheduling
+# (~ms per task) stays small next to decoding (~ms per image), few enough to spread over all CPUs.
+READ_ROWS_PER_TASK = 64
 
 
 def escape_name(name: str) -> str:
@@ -240,7 +243,9 @@ def chunk_key(kind: str, unit_keys: list[str]) -> str:
 
 
 class PlanWriter:
-    """Writes plan rows to Parquet files under the run's temporary folder, a file at a time."""
+    """Writes plan rows to Parquet files under the run's temporary folder, a file at a time, in row
+    groups of :data:`READ_ROWS_PER_TASK` rows: :attr:`tasks` lists one ``(file, row group)`` per
+    read task (:func:`unet.inference.read.read_and_decode_plan`)."""
 
     SCHEMA = pa.schema([("chunk", pa.string()), ("seq", pa.int64()), ("kind", pa.string()),
                         ("rel", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()),
@@ -250,6 +255,7 @@ class PlanWriter:
         self.fs, self.directory, self.uri = fs, directory, uri
         self.rows: dict[str, list] = {name: [] for name in self.SCHEMA.names}
         self.files: list[str] = []
+        self.tasks: list[dict] = []
         self.total = 0
 
     def add(self, chunk: str, seq: int, unit: Unit) -> None:
@@ -267,8 +273,11 @@ class PlanWriter:
         with storage.errors(self.uri, "write plan to"):
             if isinstance(self.fs, pafs.LocalFileSystem):
                 self.fs.create_dir(self.directory, recursive=True)
-            pq.write_table(pa.table(self.rows, schema=self.SCHEMA), path, filesystem=self.fs)
+            pq.write_table(pa.table(self.rows, schema=self.SCHEMA), path, filesystem=self.fs,
+                           row_group_size=READ_ROWS_PER_TASK)
         self.files.append(path)
+        groups = -(-len(self.rows["chunk"]) // READ_ROWS_PER_TASK)
+        self.tasks += [{"path": path, "row_group": g} for g in range(groups)]
         self.rows = {name: [] for name in self.SCHEMA.names}
 
 

@@ -34,7 +34,7 @@ from .decode import DecodeError, decode_image, describe_error
 from .plan import escape_name, fs_path, kind_of
 
 __all__ = ["DEFAULT_MAX_BYTES", "READ_ATTEMPTS", "ROWS_PER_BATCH", "RetryingReader", "is_transient", "open_input",
-           "read_and_decode", "read_plan_file"]
+           "read_and_decode", "read_and_decode_plan"]
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Decoded rows per batch handed downstream (bounds a read task's memory inside a big tar).
@@ -369,12 +369,14 @@ def _parquet_rows(fs, path: str, rel: str, uri: str, chunk: str, start: int, end
                  error=f"row {r} is missing: the file has fewer rows than when the job was planned")
 
 
-def read_plan_file(batch: pa.Table, *, fs: pafs.FileSystem) -> Iterator[pa.Table]:
-    """Ray Data UDF: plan file paths -> the plan rows they hold."""
-    for path in batch.column("path").to_pylist():
-        with fs.open_input_file(path) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                yield pa.Table.from_batches([record_batch])
+def read_and_decode_plan(tasks: pa.Table, *, plan_fs: pafs.FileSystem, **decode) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: read tasks (``path``, ``row_group`` of a plan file, :attr:`PlanWriter.tasks
+    <unet.inference.plan.PlanWriter>`) -> :func:`read_and_decode` of those plan rows. One step, so a
+    read task starts decoding at once, with no plan rows passed between processes."""
+    for task in tasks.to_pylist():
+        with plan_fs.open_input_file(task["path"]) as f:
+            plan = pq.ParquetFile(f).read_row_group(task["row_group"])
+        yield from read_and_decode(plan, **decode)
 
 
 def read_and_decode(plan: pa.Table, *, fs: pafs.FileSystem, root: str, root_uri: str,

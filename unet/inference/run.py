@@ -25,7 +25,7 @@ from .model import BACKENDS, MASK_RULE_KEYS, Predictor, backend_model, postproce
 from ..dicom import DICOM_COLUMNS
 from .output import PartAssembler, delete_parts, list_parts, output_schema, part_bytes, part_name, read_footer
 from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
-from .read import DEFAULT_MAX_BYTES, read_and_decode, read_plan_file
+from .read import DEFAULT_MAX_BYTES, read_and_decode_plan
 
 if TYPE_CHECKING:  # annotations only: unet.artifact (and torch) is imported when a model is loaded
     from ..settings import ModelSettings
@@ -34,9 +34,6 @@ logger = logging.getLogger("unet.inference")
 
 __all__ = ["InferenceConfig", "InferenceSummary", "run_inference"]
 
-# Plan rows per read/decode task: small enough to spread decoding over all CPUs, large enough
-# that task overhead (~ms) stays small next to decoding (~ms per image).
-READ_ROWS_PER_TASK = 64
 MAX_PENDING_WRITES = 8
 
 
@@ -138,18 +135,14 @@ class InferenceSummary:
 
 
 def _side_cpus(config: InferenceConfig) -> float:
-    """CPUs requested by each non-model step (plan read, decode, post-process).
+    """CPUs requested by each non-model step (read + decode, post-process); also what they need
+    beside the model actors, or the pipeline would wait forever for a free CPU.
 
     Half a CPU: reads wait on storage as much as they decode. It also keeps the remote args
     different from the model actors', which stops Ray Data from fusing decoding into the actors
     (they would then decode serially instead of feeding the model).
     """
     return 0.5 if config.cpus_per_worker != 0.5 else 0.25
-
-
-# CPUs the non-model steps need beside the model actors: Ray Data's streaming repartition (which
-# cuts plan files into read tasks) always asks for one whole CPU, and offers no way to ask for less.
-CPUS_BESIDE_ACTORS = 1.0
 
 
 def _check_resources(config: InferenceConfig) -> None:
@@ -169,12 +162,12 @@ def _check_resources(config: InferenceConfig) -> None:
     if types is not None:
         _check_node_types(config, types)
     elif config.check_resources:
-        need_cpu = config.workers * config.cpus_per_worker
+        need_cpu, beside = config.workers * config.cpus_per_worker, _side_cpus(config)
         # The model actors hold their CPUs for the whole run; every other step must still fit beside
         # them, or the pipeline waits forever for a free CPU.
-        if need_cpu + CPUS_BESIDE_ACTORS > cpus + 1e-9:
+        if need_cpu + beside > cpus + 1e-9:
             raise UsageError(f"--workers {config.workers} x --cpus-per-worker {config.cpus_per_worker:g} = "
-                             f"{need_cpu:g} CPUs for the model, plus {CPUS_BESIDE_ACTORS:g} for reading and "
+                             f"{need_cpu:g} CPUs for the model, plus {beside:g} for reading and "
                              f"decoding, but the Ray cluster has {cpus:g} CPUs; use fewer workers or fewer "
                              f"CPUs per worker (or --no-check-resources on an autoscaling cluster)")
         need_gpu = config.workers * config.gpus_per_worker
@@ -197,7 +190,7 @@ def _check_node_types(config: InferenceConfig, types) -> None:
     fitting = [t.name for t in types.fitting(actor)]
     total = ray.cluster_resources()
     logger.info("resources: %d model actor(s) x %s + %g CPU for reading and decoding on node type(s) %s "
-                "(autoscaling; %g CPU / %g GPU up now)", config.workers, actor, CPUS_BESIDE_ACTORS,
+                "(autoscaling; %g CPU / %g GPU up now)", config.workers, actor, _side_cpus(config),
                 ", ".join(fitting) or "none", total.get("CPU", 0), total.get("GPU", 0))
     if not config.check_resources:
         return
@@ -209,8 +202,9 @@ def _check_node_types(config: InferenceConfig, types) -> None:
     if capacity < config.workers:
         raise UsageError(f"--workers {config.workers}: the cluster can never hold more than {capacity} model "
                          f"actor(s) of {actor} ({types.describe()}); use fewer workers")
-    if not types.has_cpu(CPUS_BESIDE_ACTORS) and not any(n.get("CPU", 0) >= CPUS_BESIDE_ACTORS for n in live):
-        raise UsageError(f"no node can give reading and decoding {CPUS_BESIDE_ACTORS:g} CPU: {types.describe()}; "
+    beside = _side_cpus(config)
+    if not types.has_cpu(beside) and not any(n.get("CPU", 0) >= beside for n in live):
+        raise UsageError(f"no node can give reading and decoding {beside:g} CPU: {types.describe()}; "
                          f"add a CPU node type")
 
 
@@ -269,7 +263,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
                     summary.units_planned, len(chunks), plan.total, summary.units_skipped)
 
         if chunks:
-            _execute(config, loaded, chunks, plan.files, in_fs, root, root_uri, settings, summary)
+            _execute(config, loaded, chunks, plan.tasks, in_fs, root, root_uri, settings, summary)
         if lease.lost:
             raise RuntimeError(f"{config.output}: this run lost its lease to another run while writing (it "
                                f"could not renew it for {lease.ttl_s:g} s); rerun with --incremental")
@@ -368,26 +362,20 @@ def _differences(part_model: str, part_postprocess: dict | None, part_input: str
     return out
 
 
-def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_files: list[str], in_fs,
+def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], read_tasks: list[dict], in_fs,
              root: str, root_uri: str, settings: ModelSettings, summary: InferenceSummary) -> None:
     """Build the Ray Data pipeline over the plan and write parts as chunks complete."""
     import ray
 
-    # The plan files are read by our own small task rather than ray.data.read_parquet, whose
-    # file listing/footer pass costs seconds per run even for one tiny file. A plan file holds up
-    # to PLAN_ROWS_PER_FILE rows; without splitting, one task would decode a whole file of images
-    # serially, so a streaming repartition cuts them into small blocks.
-    ds = ray.data.from_items([{"path": p} for p in plan_files])
-    out_fs = storage.get_filesystem(config.output)[0]
-    side_cpus = _side_cpus(config)
-    ds = ds.map_batches(read_plan_file, batch_format="pyarrow", batch_size=1, num_cpus=side_cpus,
-                        fn_kwargs=dict(fs=out_fs))
-    ds = ds.repartition(target_num_rows_per_block=READ_ROWS_PER_TASK)
+    # One block per read task (a row group of a plan file), read and decoded by one Ray task: no
+    # separate plan-reading step or repartition (ray.data.read_parquet's listing and footer pass
+    # alone cost seconds per run).
+    ds = ray.data.from_items(read_tasks, override_num_blocks=len(read_tasks))
     ds = ds.map_batches(
-        read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=side_cpus,
-        fn_kwargs=dict(fs=in_fs, root=root, root_uri=root_uri, input_size=settings.input_size,
-                       image_column=config.image_column, id_column=config.id_column,
-                       max_pixels=config.max_pixels, max_bytes=config.max_bytes,
+        read_and_decode_plan, batch_format="pyarrow", batch_size=None, num_cpus=_side_cpus(config),
+        fn_kwargs=dict(plan_fs=storage.get_filesystem(config.output)[0], fs=in_fs, root=root, root_uri=root_uri,
+                       input_size=settings.input_size, image_column=config.image_column,
+                       id_column=config.id_column, max_pixels=config.max_pixels, max_bytes=config.max_bytes,
                        dicom_columns=config.dicom_columns))
     ds = ds.map_batches(
         Predictor, batch_format="numpy", batch_size=config.batch_size,
@@ -396,7 +384,7 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], plan_fil
         fn_constructor_kwargs=dict(model=backend_model(loaded, config.backend), settings=settings,
                                    use_gpu=config.gpus_per_worker > 0, num_threads=int(config.cpus_per_worker),
                                    fault_drill=faults.current(), backend=config.backend))
-    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=side_cpus,
+    ds = ds.map_batches(postprocess, batch_format="numpy", batch_size=None, num_cpus=_side_cpus(config),
                         fn_kwargs=dict(mask_rule={k: getattr(settings, k) for k in MASK_RULE_KEYS},
                                        model_id=loaded.model_id, save_probabilities=config.save_probabilities,
                                        dicom_columns=config.dicom_columns))
