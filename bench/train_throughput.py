@@ -18,6 +18,12 @@ same CPUs:
 The first epoch of each side is a warm-up (Ray Data pipeline start, allocator growth); the ratio
 uses the median images/s of the later epochs.
 
+``--augment-on gpu`` (the default with ``--gpu``: ``auto``) has both sides augment on the
+training device with kornia (``unet.data.gpu_augment``): the job decodes the train split once in
+Ray Data, the plain loop decodes with ``iter_batches(normalize=False)``; ``--augment-on cpu``
+keeps albumentations on the CPUs. Running the script once with each on a GPU node compares them
+(images/s and the job's data wait).
+
 Goal: ratio >= 0.85 — data-parallel training with Ray Train/Ray Data keeps at least 85% of what
 the cores do in a plain loop.
 
@@ -25,6 +31,7 @@ Run (3-5 minutes on 2 shared CPUs)::
 
     .venv/bin/python -m bench.train_throughput                  # 256 phantoms, 3 epochs, 2 workers
     .venv/bin/python -m bench.train_throughput --gpu --image-size 256 --num 400 --batch-size 32
+    .venv/bin/python -m bench.train_throughput --gpu --image-size 256 --num 400 --batch-size 32 --augment-on cpu
 
 Writes bench/results/train_throughput.json; the last line printed is the ratio.
 """
@@ -48,11 +55,13 @@ GOAL = 0.85
 
 
 def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed: int,
-               device: str = "cpu", amp: str = "none") -> list[dict]:
-    """The single-process baseline; returns one record per epoch (images, seconds, images/s)."""
+               device: str = "cpu", amp: str = "none", on_device: bool = False) -> list[dict]:
+    """The single-process baseline; returns one record per epoch (images, seconds, images/s).
+    ``on_device``: decode-only batches, augmented and normalised on ``device`` (kornia)."""
     import torch
 
-    from unet.data import iter_batches
+    from unet.data import AugmentConfig, iter_batches
+    from unet.data.gpu_augment import DeviceTransform
     from unet.models import build_model
     from unet.training import TrainConfig, autocast, build_loss_fn, build_optimizer
 
@@ -63,15 +72,20 @@ def plain_loop(data: str, *, epochs: int, batch_size: int, image_size: int, seed
     optimizer = build_optimizer(cfg, model.parameters())
     loss_fn = build_loss_fn(cfg)
     dev = torch.device(device)
+    to_model = (DeviceTransform(AugmentConfig(), cfg.image_size, **model.input_normalization, seed=seed)
+                if on_device else None)
     records = []
     for epoch in range(1, epochs + 1):
         model.train()
         images = 0
         t0 = time.perf_counter()
-        for batch in iter_batches(data, "train", size=cfg.image_size, batch_size=batch_size, augment=True,
-                                  seed=seed, epoch=epoch, shuffle=True):
+        for step, batch in enumerate(iter_batches(data, "train", size=cfg.image_size, batch_size=batch_size,
+                                                  augment=not on_device, normalize=not on_device, seed=seed,
+                                                  epoch=epoch, shuffle=True, **model.input_normalization)):
             x = torch.from_numpy(batch["image"]).to(dev)
             y = torch.from_numpy(batch["mask"]).to(dev)
+            if to_model is not None:
+                x, y = to_model(x, y, epoch=epoch, step=step)
             optimizer.zero_grad(set_to_none=True)
             with autocast(cfg.amp, dev):
                 loss = loss_fn(model(x), y)
@@ -98,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs for the job's local Ray and the plain loop's threads (default: all)")
     p.add_argument("--gpu", action="store_true", help="--use-gpu for the job; the plain loop on cuda")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--augment-on", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="cpu: albumentations on the CPUs; gpu: kornia on the training device (both sides); "
+                        "auto: gpu with --gpu (default)")
     p.add_argument("--data", default=None, help="prepared shards to use instead of generated phantoms")
     p.add_argument("--workdir", default=None, help="keep data/runs here (default: a temp dir, removed)")
     return p
@@ -131,14 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
                                   shard_size=16), command="bench.train_throughput")
             say(f"prepared {args.num} phantoms in {time.perf_counter() - t0:.1f}s")
         device = "cuda" if args.gpu else "cpu"
+        on_device = args.augment_on == "gpu" or (args.augment_on == "auto" and args.gpu)
         global_batch = args.workers * args.batch_size
         set_threads(cpus)
         say(f"plain loop: 1 process x {cpus} torch threads, batch {global_batch}; job: {args.workers} workers x "
-            f"batch {args.batch_size}, Ray with {cpus} CPUs; {args.epochs} epochs at {args.image_size}px on {device}")
+            f"batch {args.batch_size}, Ray with {cpus} CPUs; {args.epochs} epochs at {args.image_size}px on {device}; "
+            f"augmentation on {'the training device (kornia)' if on_device else 'CPU (albumentations)'}")
 
         def plain(tag):
             recs = plain_loop(data, epochs=args.epochs, batch_size=global_batch, image_size=args.image_size,
-                              seed=0, device=device, amp=args.amp)
+                              seed=0, device=device, amp=args.amp, on_device=on_device)
             say(f"plain loop ({tag}): " + ", ".join(f"{r['images_per_s']:.2f}" for r in recs)
                 + f" images/s per epoch (load {recs[-1]['loadavg_1m']})")
             return recs
@@ -146,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         before = plain("before")
         job = ["-m", "jobs.train", "--data", data, "--storage", str(work / "runs"), "--name", "bench",
                "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-               "--image-size", str(args.image_size), "--num-cpus", str(cpus), "--keep", "1", "--amp", args.amp]
+               "--image-size", str(args.image_size), "--num-cpus", str(cpus), "--keep", "1", "--amp", args.amp,
+               "--augment-on", args.augment_on]
         if args.gpu:
             job += ["--use-gpu"]
         run = run_job(job, log_dir=work / "log")
@@ -155,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"found {len(history)} epoch records of the job, expected {args.epochs}; "
                                f"stdout tail:\n{run.stdout[-2000:]}")
         job_rates = [float(h["images_per_s"]) for h in history]
-        say("jobs.train:        " + ", ".join(f"{r:.2f}" for r in job_rates) + " images/s per epoch "
-            f"(process wall {run.wall_s:.0f}s, load {run.loadavg_1m})")
+        waits = [float(h.get("data_wait", 0.0)) for h in history]
+        say("jobs.train:        " + ", ".join(f"{r:.2f}" for r in job_rates) + " images/s per epoch, data wait "
+            + ", ".join(f"{w:.0%}" for w in waits) + f" (process wall {run.wall_s:.0f}s, load {run.loadavg_1m})")
         after = plain("after")
 
         later = slice(1, None) if args.epochs > 1 else slice(None)
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = job_ips / plain_ips
         result = {
             "benchmark": "train_throughput", "goal": f">= {GOAL}", "ratio": round(ratio, 3), "met": ratio >= GOAL,
-            "config": vars(args), "cpus": cpus, "data": data,
+            "config": vars(args), "cpus": cpus, "data": data, "augment_on_device": on_device,
             "job": {"images_per_s_median_later_epochs": job_ips, "history": history,
                     "process_wall_s": round(run.wall_s, 1)},
             "plain": {"before": before, "after": after, "images_per_s_median_later_epochs": plain_ips},

@@ -6,6 +6,7 @@
     python -m jobs.train --config configs/busi.yaml --set model_kwargs.dropout=0.1 --epochs 80
     python -m jobs.train --data s3://bucket/busi-prepared --storage s3://bucket/runs --name busi-unet \\
         --use-gpu --workers 4 --image-size 256 --amp bf16
+    python -m jobs.train --smoke-test --augment-on gpu   # augment on the worker's device (kornia; slow on CPU)
     python -m jobs.train --smoke-test --mlflow        # + MLflow tracking in ./mlruns (or --mlflow http://host:5000)
     ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.train --config configs/busi.yaml \
         --workers 2-8 \
@@ -49,6 +50,7 @@ from unet.runtime import configure_output, require_shared_paths
 from unet.models import MODELS
 from unet.training import (AMP_DTYPES, MONITORS, OPTIMIZERS, PLACEMENT_STRATEGIES, SCHEDULES, TrainConfig,
                            fit, load_config_file)
+from unet.training.config import AUGMENT_ON
 
 # The settings that get a flag of their own; every TrainConfig field also works with --set.
 _FLAGS: list[tuple[str, dict]] = [
@@ -69,6 +71,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("val-batch-size", dict(type=int, help="validation images per step (default: --batch-size)")),
     ("image-size", dict(metavar="N|HxW", help="training size")),
     ("augment", dict(action=argparse.BooleanOptionalAction, help="augment the train split")),
+    ("augment-on", dict(choices=AUGMENT_ON, help="where to augment: cpu (albumentations in Ray Data), gpu (decode "
+                        "once in Ray Data, augment batches on the worker's device with kornia), auto (gpu with "
+                        "--use-gpu)")),
     ("oversample", dict(metavar="YAML", help="train rows of a class n times per epoch, each copy augmented "
                         "differently, e.g. '{normal: 3}'")),
     ("workers", dict(metavar="N|N-M", help="training workers; N-M = elastic group (Ray Train V2)")),

@@ -17,11 +17,11 @@ export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 if [ "${SWEEP:-0}" = 1 ]; then
-  if [ "${DRY:-0}" = 1 ]; then PY=.venv/bin/python; N=48; GPU=""; SIDE=48; ISZ=32; SETTINGS="1:1:8 2:0.5:8"
+  if [ "${DRY:-0}" = 1 ]; then PY=.venv/bin/python; N=48; GPU=""; SIDE=48; ISZ=32; CPW=0.5; SETTINGS="1:1:8 2:0.5:8"
   else
     mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 3
     export PYTHONPATH=/tmp/site:$PWD
-    PY=python3; N=${N:-20000}; GPU="--gpu"; SIDE=256; ISZ=256
+    PY=python3; N=${N:-20000}; GPU="--gpu"; SIDE=256; ISZ=256; CPW=1
     SETTINGS=${SETTINGS:-"1:1:64 1:1:256 2:0.5:128 4:0.25:128 4:0.25:256"}  # actors:GPU each:batch
   fi
   export UNET_BENCH_RESULTS=$OUT/sweep; mkdir -p $OUT/sweep
@@ -29,7 +29,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
   for s in $SETTINGS; do
     IFS=: read W G B <<< "$s"
     $PY -m bench.infer_efficiency $GPU --n $N --size $SIDE --input-size $ISZ --workers $W --gpus-per-worker $G \
-      --cpus-per-worker 1 --batch-size $B > $OUT/sweep/log-$W-$G-$B.txt 2>&1
+      --cpus-per-worker $CPW --batch-size $B > $OUT/sweep/log-$W-$G-$B.txt 2>&1 || { echo "$s failed:"; tail -3 $OUT/sweep/log-$W-$G-$B.txt; continue; }
     $PY - "$OUT/sweep/infer_efficiency.json" "$W" "$G" "$B" <<'PY' | tee -a $OUT/sweep.txt
 import json, sys
 r = json.load(open(sys.argv[1])); j = r["job"]
@@ -100,7 +100,8 @@ if [ "${DRY:-0}" = 1 ]; then
   run_bench bench.train_throughput --num 16 --image-size 64 --epochs 1 --batch-size 4
   run_bench bench.infer_efficiency --n 32 --batch-size 8
 else
-  run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32
+  run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32 --augment-on gpu
+  run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32 --augment-on cpu
   run_bench bench.infer_efficiency --gpu --n $NB --batch-size 64 --input-size 256
   run_bench bench.infer_vs_naive --gpu --n $NB --batch-size 64 --input-size 256 --rounds 1
 fi

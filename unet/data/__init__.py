@@ -1,7 +1,9 @@
 """Prepared shards -> model batches: Ray Data reader, plain iterator and augmentation.
 
 See :mod:`unet.data.dataset` for the batch format and how the trainer should iterate, and
-:mod:`unet.data.augment` for the augmentations (albumentations) and why.
+:mod:`unet.data.augment` for the augmentations (albumentations) and why;
+:mod:`unet.data.gpu_augment` applies the same set to whole batches on the training device (kornia;
+import it from there, so CPU data workers never load kornia).
 """
 
 from unet.data.augment import AugmentConfig, Augmenter, build_augmentation, sample_seed

@@ -4,12 +4,17 @@ Library choice: **albumentations**. It is built for exactly this case — one ca
 image and its mask *together*, with the same random parameters, using linear interpolation for the
 image and nearest-neighbour for the mask, so labels stay labels and stay aligned. It works on
 plain NumPy uint8 arrays on the CPU (which is where Ray Data's map tasks run), is fast (OpenCV
-underneath: ~5 ms per 128x128 pair with an elastic warp), is actively maintained and widely used
-in medical segmentation, and can be re-seeded per sample (``Compose.set_random_seed``), which
+underneath: ~5 ms per 128x128 pair with an elastic warp), is widely used in medical
+segmentation, and can be re-seeded per sample (``Compose.set_random_seed``), which
 lets us make every augmented sample a pure function of ``(seed, epoch, sample id)``.
 Alternatives considered: kornia and MONAI transforms operate on torch tensors (GPU-friendly but
 heavier inside CPU data workers and MONAI pulls a large dependency); torchvision v2 lacks an
 elastic transform with a separate mask interpolation mode and speckle noise.
+
+albumentations is frozen upstream (deprecated in July 2025; its successor, AlbumentationsX, is
+AGPL-licensed), so the dependency is pinned below its next major (``albumentations>=2.0,<3``).
+This is the CPU path (``augment_on="cpu"``); GPU training augments whole batches on the device
+with kornia instead (:mod:`unet.data.gpu_augment`, the same config and ranges).
 
 The default settings follow what suits B-mode ultrasound:
 

@@ -7,7 +7,9 @@ Two ways in, one transform:
   debugging, notebooks and benchmarks).
 
 Both run :class:`BatchTransform`: decode the PNGs, resize to the training size (image
-area/linear, mask nearest), augment (train split), normalise. Each yields dicts of NumPy arrays::
+area/linear, mask nearest), augment (train split), normalise. Each yields dicts of NumPy arrays
+(with ``normalize=False``, image and mask stay uint8 for augmenting and normalising later on the
+training device: ``augment_on="gpu"``, :mod:`unet.data.gpu_augment`)::
 
     {"image": float32 (B, 1, H, W)  normalised with (mean, std),
      "mask":  float32 (B, 1, H, W)  in {0, 1},
@@ -98,6 +100,10 @@ class BatchTransform:
         oversample: ``{class: n}`` — each row of that class comes out ``n`` times, every copy
             augmented with its own seed (copy ``k > 0`` has id ``"<id>#k"``); e.g. ``{"normal": 3}``
             shows the model more lesion-free images. Default None (each row once).
+        normalize: ``False`` leaves the pixels as they are: ``image`` and ``mask`` come out uint8
+            (image 0-255, mask 0/1) for a consumer that augments and normalises later on its own
+            device (:class:`unet.data.gpu_augment.GpuAugmenter`; 4x less to store and copy).
+            Default True.
 
     Call it with a dict of NumPy arrays holding the shard columns ``id``, ``class``, ``image_png``
     and ``mask_png`` (``ray.data`` numpy batches, or :func:`table_to_batch`) and it returns the
@@ -112,7 +118,8 @@ class BatchTransform:
 
     def __init__(self, size: tuple[int, int] = DEFAULT_SIZE, augment: AugmentConfig | None = None,
                  seed: int = 0, epoch: int | None = None, mean: float = DEFAULT_MEAN,
-                 std: float = DEFAULT_STD, epoch_offset: int = 0, oversample: Mapping[str, int] | None = None):
+                 std: float = DEFAULT_STD, epoch_offset: int = 0, oversample: Mapping[str, int] | None = None,
+                 normalize: bool = True):
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size={size!r} must be (height, width) with positive integers")
         if std <= 0:
@@ -124,6 +131,7 @@ class BatchTransform:
         self.epoch_offset = int(epoch_offset)
         self.mean, self.std = float(mean), float(std)
         self.oversample = check_oversample(oversample)
+        self.normalize = bool(normalize)
         self._augmenter: Augmenter | None = None
 
     def __getstate__(self) -> dict:
@@ -144,8 +152,9 @@ class BatchTransform:
         copies = [self.oversample.get(c, 1) for c in classes]
         n = sum(copies)
         h, w = self.size
-        images = np.empty((n, 1, h, w), dtype=np.float32)
-        masks = np.empty((n, 1, h, w), dtype=np.float32)
+        dtype = np.float32 if self.normalize else np.uint8
+        images = np.empty((n, 1, h, w), dtype=dtype)
+        masks = np.empty((n, 1, h, w), dtype=dtype)
         out_ids: list[str] = []
         if self.augment is not None and self._augmenter is None:
             self._augmenter = Augmenter(self.augment, self.size)
@@ -163,7 +172,7 @@ class BatchTransform:
                 view_image, view_mask = image, mask
                 if self._augmenter is not None:
                     view_image, view_mask = self._augmenter(image, mask, sample_seed(self.seed, epoch, view_id))
-                images[len(out_ids), 0] = normalize(view_image, self.mean, self.std)
+                images[len(out_ids), 0] = normalize(view_image, self.mean, self.std) if self.normalize else view_image
                 masks[len(out_ids), 0] = view_mask
                 out_ids.append(view_id)
         out_classes = [c for c, m in zip(classes, copies) for _ in range(m)]
@@ -217,7 +226,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                batch_size: int = 32,
                num_cpus: float = 0.5, concurrency: int | None = None,
                max_block_mib: float | None = None, oversample: Mapping[str, int] | None = None,
-               mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
+               mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD, normalize: bool = True,
                endpoint: str | None = None, access_key: str | None = None,
                secret_key: str | None = None, region: str | None = None):
     """One split of a prepared URI as a lazy, streaming ``ray.data.Dataset`` of model batches.
@@ -242,6 +251,8 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         oversample: ``{class: n}``: rows of that class n times per pass, each copy augmented
             differently (see :class:`BatchTransform`). Default None.
         mean, std: normalisation. Defaults 0.5, 0.25.
+        normalize: False = uint8 image/mask columns, to augment and normalise on the training device
+            (``augment_on="gpu"``, :mod:`unet.data.gpu_augment`). Default True.
         endpoint, access_key, secret_key, region: S3 settings (default: AWS_* environment).
 
     The S3 settings travel inside the pyarrow file system object, so Ray workers do not need the
@@ -266,7 +277,7 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
     transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std,
-                               epoch_offset=epoch_offset, oversample=oversample)
+                               epoch_offset=epoch_offset, oversample=oversample, normalize=normalize)
     ds = ds.map_batches(transform, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                         concurrency=concurrency)
     if max_block_mib is not None:
@@ -317,13 +328,14 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                  batch_size: int = 16, augment: AugmentConfig | bool | None = None, seed: int = 0,
                  epoch: int = 0, shuffle: bool = False, drop_last: bool = False,
                  mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD,
-                 oversample: Mapping[str, int] | None = None,
+                 oversample: Mapping[str, int] | None = None, normalize: bool = True,
                  **storage_kw: Any) -> Iterator[dict[str, np.ndarray]]:
     """The same batches as :func:`read_split`, without Ray: read shards one at a time with pyarrow.
 
     Memory holds one shard row group plus one output batch. ``shuffle`` permutes shard order and
     rows within each shard with ``(seed, epoch)``. With the same ``seed``/``epoch``/``augment``,
-    every sample is identical to the Ray path's (only the order can differ).
+    every sample is identical to the Ray path's (only the order can differ). ``normalize=False``:
+    uint8 pixels, as :func:`read_split`'s.
 
     Example::
 
@@ -335,7 +347,7 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     transform = BatchTransform(size=size, augment=augment or None, seed=seed, epoch=epoch,
-                               mean=mean, std=std, oversample=oversample)
+                               mean=mean, std=std, oversample=oversample, normalize=normalize)
     shards = shard_uris(uri, split, **storage_kw)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF])
     if shuffle:
@@ -387,15 +399,21 @@ class TorchCollate(NumpyBatchCollateFn):
     keeps them as Python lists so evaluation can report per-image results. Because the output is
     not all tensors, Ray does not move it to the device: call ``.to(device)`` on image/mask.
     (When ids are not needed, ``ds.select_columns(["image", "mask"])`` + the default collate also
-    works and moves tensors to the device itself.)
+    works and moves tensors to the device itself.) uint8 pixels (``normalize=False``) stay uint8.
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        return {"image": torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)),
-                "mask": torch.from_numpy(np.ascontiguousarray(batch["mask"], dtype=np.float32)),
+        return {"image": torch.from_numpy(_pixels(batch["image"])), "mask": torch.from_numpy(_pixels(batch["mask"])),
                 "id": [str(i) for i in batch["id"]], "class": [str(c) for c in batch["class"]]}
+
+
+def _pixels(array: np.ndarray) -> np.ndarray:
+    # uint8 stays uint8 (decoded-only batches: a quarter of the bytes to the device); the rest float32.
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 collate_torch = TorchCollate()

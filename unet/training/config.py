@@ -24,11 +24,12 @@ from unet.models import MODELS
 
 from .optim import AMP_DTYPES, OPTIMIZERS, SCHEDULES
 
-__all__ = ["MONITORS", "PLACEMENT_STRATEGIES", "TrainConfig", "load_config_file", "parse_workers"]
+__all__ = ["AUGMENT_ON", "MONITORS", "PLACEMENT_STRATEGIES", "TrainConfig", "load_config_file", "parse_workers"]
 
 MONITORS = ("val_dice", "val_dice_per_image", "val_iou", "val_iou_per_image", "val_lesion_dice",
             "val_lesion_dice_gated")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+AUGMENT_ON = ("auto", "cpu", "gpu")
 
 # --smoke-test: tiny everything, so the whole distributed path runs in well under a minute.
 SMOKE_IMAGE_SIZE = (32, 32)
@@ -82,6 +83,11 @@ class TrainConfig:
             ``unet.models.build_model`` (e.g. ``{"channels": [16, 32, 64, 128, 256]}``).
         image_size: training (height, width); default 128x128 (256 is the GPU choice).
         augment: augment the train split (``unet.data.augment`` defaults).
+        augment_on: where: ``cpu`` = albumentations in Ray Data's tasks, per sample; ``gpu`` = Ray
+            Data only decodes (the decoded train split is materialised once and reshuffled every
+            epoch) and each worker augments and normalises its batches on its training device with
+            kornia (:mod:`unet.data.gpu_augment`; on a CPU worker that works, slowly); ``auto``
+            (default) = ``gpu`` with ``use_gpu``, else ``cpu``.
         oversample: ``{class: n}``: each epoch shows train rows of that class n times, each copy
             augmented differently, e.g. ``{normal: 3}`` against false lesions on normal images.
     Optimisation:
@@ -128,6 +134,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     image_size: tuple[int, int] = (128, 128)
     augment: bool = True
+    augment_on: str = "auto"
     oversample: dict = field(default_factory=dict)
     loss: str = "dice_bce"
     loss_kwargs: dict = field(default_factory=dict)
@@ -238,6 +245,7 @@ class TrainConfig:
         choice("schedule", tuple(SCHEDULES))
         choice("amp", tuple(AMP_DTYPES))
         choice("monitor", MONITORS, lower=False)
+        choice("augment_on", AUGMENT_ON)
         c.placement_strategy = str(c.placement_strategy).upper()
         choice("placement_strategy", PLACEMENT_STRATEGIES, lower=False)
         for name in ("model_kwargs", "loss_kwargs"):
@@ -312,6 +320,11 @@ class TrainConfig:
         return c.validated()
 
     # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def augment_on_device(self) -> bool:
+        """True when the train split is decoded only and batches are augmented on the worker's device."""
+        return self.augment_on == "gpu" or (self.augment_on == "auto" and self.use_gpu)
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -9,11 +9,17 @@ A resumed run continues the sequence of an uninterrupted one: the train split co
 order and augmentations (``unet.training.driver.ResumedTrainSplit``), torch/NumPy are reseeded
 from ``(seed, epoch, rank)`` every epoch, and every epoch's record holds ``train_samples_sha256``
 (the multiset of (sample id, augmented image) all ranks trained on), so two runs can be compared.
+With ``augment_on="gpu"`` the worker augments on its device, each batch's draw a function of
+``(seed, epoch, rank, step)`` (:class:`unet.data.gpu_augment.DeviceTransform`): new every epoch,
+and a resumed run draws what an uninterrupted one draws in its epochs; which sample gets which
+draw follows the order in which the batches arrive.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import math
 import platform
@@ -21,7 +27,7 @@ import posixpath
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,24 +64,30 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig,
                     scaler: torch.amp.GradScaler | None = None,
-                    seen: list[str] | None = None) -> tuple[float, int, float]:
+                    seen: list[str] | None = None,
+                    on_device: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> tuple[float, int, float]:
     """One pass over this rank's batches; returns (sum of per-image loss, images, seconds spent
     waiting for the next batch) on this rank. A large wait means the input pipeline, not the
-    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``). ``seen``, if given, receives
-    :func:`sample_fingerprints` of every batch."""
+    model, sets the pace (give Ray Data more CPUs: ``--data-cpus``, or ``augment_on="gpu"``).
+    ``seen``, if given, receives :func:`sample_fingerprints` of every batch's model input.
+    ``on_device(image, mask, step=k)``, if given, turns batch ``k`` into model inputs once on the
+    device (``augment_on="gpu"``: :class:`unet.data.gpu_augment.DeviceTransform`)."""
     model.train()
     loss_sum, images, wait_s = 0.0, 0, 0.0
     it = iter(batches)
-    while True:
+    for step in itertools.count():
         t = time.perf_counter()
         batch = next(it, None)
         wait_s += time.perf_counter() - t
         if batch is None:
             break
-        if seen is not None:
-            seen.extend(sample_fingerprints(batch["id"], batch["image"]))
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True)
+        if on_device is not None:
+            x, y = on_device(x, y, step=step)
+        if seen is not None:
+            seen.extend(sample_fingerprints(batch["id"], batch["image"] if on_device is None else x.cpu()))
         optimizer.zero_grad(set_to_none=True)
         with autocast(cfg.amp, device):
             out = model(x)
@@ -371,6 +383,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(cfg.seed + rank)
 
     model = build_model(cfg.model, **cfg.model_kwargs)
+    to_model = None
+    if cfg.augment_on_device:  # the train split arrives decoded only (uint8): augment + normalise here
+        from unet.data import AugmentConfig
+        from unet.data.gpu_augment import DeviceTransform
+
+        to_model = DeviceTransform(AugmentConfig() if cfg.augment else None, tuple(cfg.image_size),
+                                   **model.input_normalization, seed=cfg.seed, rank=rank)
     start_epoch, history, hardware, commands = 1, [], None, []
     point = _resume_point(ray.train.get_checkpoint())
     if rank == 0:
@@ -432,8 +451,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             local_shuffle_buffer_size=max(4 * cfg.batch_size, 64),
             local_shuffle_seed=(cfg.seed * 1_000_003 + epoch * 101 + rank) % (2**31))
         seen: list[str] = []
-        loss_sum, n_images, wait_s = train_one_epoch(model, train_batches, loss_fn, optimizer, device, cfg,
-                                                     scaler, seen=seen)
+        loss_sum, n_images, wait_s = train_one_epoch(
+            model, train_batches, loss_fn, optimizer, device, cfg, scaler, seen=seen,
+            on_device=functools.partial(to_model, epoch=epoch) if to_model is not None else None)
         samples = samples_digest(f for rank_seen in _gather(seen) for f in rank_seen)
         train_s = time.perf_counter() - t0
         scheduler.step()
