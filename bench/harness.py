@@ -303,11 +303,56 @@ def ray_data_timeline(driver_pid: int) -> dict | None:
             "start": _log_time(start.group(1)), "end": _log_time(end.group(1)), "operators": operators}
 
 
+@contextlib.contextmanager
+def running_ray(num_cpus: int | None = None) -> Iterator[tuple[str, int]]:
+    """A local Ray started once with ``ray start --head`` (as a machine that runs jobs keeps one),
+    for jobs to join with ``--address``; yields (address, the pid that names its session folder).
+    Stopped on exit by signalling its ``ray start --block`` process, never ``ray stop`` (which
+    would stop every Ray on the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_cli), "start", "--head", f"--port={port}", "--include-dashboard=false",
+           "--disable-usage-stats", "--block", *([f"--num-cpus={num_cpus}"] if num_cpus else [])]
+    log = tempfile.NamedTemporaryFile(prefix="unet-bench-ray-", suffix=".log", delete=False)
+    # No token auth between this private Ray and its jobs (job_env passes the setting on to them).
+    saved_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in Path(log.name).read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {Path(log.name).read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+        yield address, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if saved_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_auth
+
+
 def measure_infer_job(job_args: Sequence[str], *, input_uri: str, n: int, output: str, workers: int,
-                      log_dir: Path) -> dict:
+                      log_dir: Path, ray_pid: int | None = None) -> dict:
     """Run ``jobs.infer`` over ``n`` images and take its rates apart (see ``ray_data_timeline``).
 
     Returns, besides the job's summary:
+
+    ``ray_pid``: the pid naming the Ray session the job joined (:func:`running_ray`); default: the
+    job's own (it started its own Ray).
 
     * ``wall_images_per_s`` — n / the ``wall_s`` of the job's summary: all of ``run_inference``
       (model load, listing, plan, pipeline, parts), not the interpreter start or ``ray.init``;
@@ -330,7 +375,7 @@ def measure_infer_job(job_args: Sequence[str], *, input_uri: str, n: int, output
         raise RuntimeError(f"the job wrote {ok} ok rows for {n} images ({output}): {summary}")
     out = {"images": n, "wall_s": summary["wall_s"], "process_wall_s": round(run.wall_s, 2), "summary": summary,
            "wall_images_per_s": n / summary["wall_s"], "loadavg_1m_at_end": run.loadavg_1m}
-    timeline = ray_data_timeline(run.pid)
+    timeline = ray_data_timeline(ray_pid or run.pid)
     out["ray_data"] = timeline
     predictor = (timeline or {}).get("operators", {}).get("MapBatches(Predictor)")
     if predictor and predictor.get("first_task_t") is not None and predictor.get("function_body_time_s"):

@@ -25,6 +25,10 @@ is compared with the mean of the loops either side of it, and the median over ro
 
 The job also runs with ``--backend onnxruntime`` in every round (``--no-onnxruntime`` skips it).
 
+``--ray running`` starts one Ray (``ray start --head``) for all rounds and the jobs join it with
+``--address``, as on a cluster or a machine that keeps Ray up: ``ray.init`` and the shut-down of a
+private Ray (about 5 s on 2 CPUs) then leave the whole run.
+
 Goal: whole-run ratio >= 0.9 on 2 CPUs over ~1,000 real-size images (the job's defaults: one
 model actor of 1 CPU; the loop on 2 threads).
 
@@ -62,6 +66,7 @@ from bench.harness import (
     measure_infer_job,
     median,
     run_job,
+    running_ray,
     say,
     set_threads,
     work_dir,
@@ -247,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="busi-unet",
                    help="model artifact (default busi-unet; 'random': a random-weight default unet)")
     p.add_argument("--gpu", action="store_true", help="GPU for both (job: 1 GPU per worker)")
+    p.add_argument("--ray", choices=("fresh", "running"), default="fresh",
+                   help="fresh: every job starts and stops its own local Ray (a one-off run; default); "
+                        "running: one `ray start --head` for all rounds, each job joins it with --address "
+                        "(a machine that runs jobs keeps Ray up, as a cluster does)")
     p.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the job with --backend onnxruntime in every round (default: yes)")
     p.add_argument("--loop", default=None, help=argparse.SUPPRESS)  # internal: run one loop (JSON spec)
@@ -272,8 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.cpus_per_worker = args.cpus_per_worker or 1.0
     from unet.artifact import load_artifact
 
-    with work_dir(args.workdir, "unet-bench-naive-") as work:
+    with work_dir(args.workdir, "unet-bench-naive-") as work, contextlib.ExitStack() as stack:
         info = announce_machine()
+        address, ray_pid = stack.enter_context(running_ray(args.num_cpus)) if args.ray == "running" else (None, None)
         size = "busi" if args.sizes == "busi" else (args.size, args.size)
         input_path = write_input(args.input_kind, work / "input", args.n, size)
         model_ref = str(make_artifact(work / "model", input_size=(args.input_size,) * 2)) \
@@ -284,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"archive: {args.n} {args.input_kind} images, "
             f"{'BUSI sizes' if args.sizes == 'busi' else f'{args.size}x{args.size}'}; model {loaded.model_id} "
             f"input {loaded.settings.input_size}; batch {args.batch_size}; job: {args.workers} actor(s) x "
-            f"{args.cpus_per_worker:g} CPU; {args.baseline} loop: 1 process x {threads} thread(s); {device}")
+            f"{args.cpus_per_worker:g} CPU, {'joining a running' if address else 'its own'} Ray; {args.baseline} loop: "
+            f"1 process x {threads} thread(s); {device}")
 
         def loop(tag):
             spec = {"baseline": args.baseline, "kind": args.input_kind, "input": str(input_path),
@@ -298,12 +309,12 @@ def main(argv: list[str] | None = None) -> dict:
                 + ", ".join(f"{k} {v}" for k, v in r["ms_per_image"].items()))
             return r
 
-        job = infer_job_args(args, model_ref)
+        job = infer_job_args(args, model_ref) + (["--address", address] if address else [])
 
         def job_run(i: int, backend: str) -> dict:
             jobm = measure_infer_job([*job, "--backend", backend], input_uri=str(input_path), n=args.n,
                                      output=str(work / f"masks-{backend}-{i}"), workers=args.workers,
-                                     log_dir=work / f"log-{backend}-{i}")
+                                     log_dir=work / f"log-{backend}-{i}", ray_pid=ray_pid)
             if "pipeline_images_per_s" not in jobm:
                 raise RuntimeError(f"no Ray Data timeline of the job found ({jobm.get('ray_data')})")
             say(f"infer job, {backend} (round {i}): whole run {jobm['process_wall_s']:.1f}s (pipeline start to "
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         job_fixed = median([j["process_wall_s"] - args.n / j["pipeline_images_per_s"] for j in jobs])
         amortised = {f"{r:g}": amortised_from(job_fixed, job_rate, loop_fixed, loop_rate, r) for r in (0.9, 1.0)}
         result = {
-            "benchmark": "infer_vs_naive", "baseline": args.baseline, "goal": f">= {GOAL} (whole run)",
+            "benchmark": "infer_vs_naive", "baseline": args.baseline, "ray": args.ray, "goal": f">= {GOAL} (whole run)",
             "ratio": round(ratio, 3), "met": ratio >= GOAL, "round_ratios": [round(r, 3) for r in ratios],
             "steady_ratio": round(median(steady), 3), "round_steady_ratios": [round(r, 3) for r in steady],
             "fixed_s": {"job": round(job_fixed, 1), "loop": round(loop_fixed, 1)},
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ort_jobs:
             notes.append(f"--backend onnxruntime: loop/job whole run {result['onnxruntime']['ratio_vs_loop']:.2f}, "
                          f"torch job/onnxruntime job {result['onnxruntime']['ratio_vs_torch_job']:.2f}")
-        return finish("infer_vs_naive", result, argv, f"loop_whole_run/infer_job_whole_run ({args.baseline})",
+        return finish("infer_vs_naive" if args.ray == "fresh" else "infer_vs_naive_running_ray", result, argv, f"loop_whole_run/infer_job_whole_run ({args.baseline})",
                       ratio, GOAL, notes=notes)
 
 

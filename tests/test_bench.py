@@ -82,3 +82,13 @@ def test_tree_memory_counts_a_process_and_its_children():
         child.kill()
         child.wait()
     assert tree_memory(child.pid) == (0, 0, 0, 0)  # gone: nothing to count
+
+
+def test_amortised_from_solves_for_the_archive_size_where_the_job_catches_up():
+    from bench.infer_vs_naive import amortised_from
+
+    # job: 10 s + n/100 images/s; loop: 2 s + n/50: equal at n = 800, 0.9x at n = (9 - 2)/(1/50 - 0.9/100)
+    assert amortised_from(10.0, 100.0, 2.0, 50.0, 1.0) == pytest.approx(800.0)
+    assert amortised_from(10.0, 100.0, 2.0, 50.0, 0.9) == pytest.approx(7.0 / (0.02 - 0.009))
+    assert amortised_from(10.0, 40.0, 2.0, 50.0, 1.0) is None  # slower per image: never
+    assert amortised_from(1.0, 100.0, 2.0, 50.0, 1.0) == 0.0  # faster from the first image
