@@ -397,5 +397,6 @@ def stage_bytes_per_image(timeline: dict | None, n: int) -> dict[str, int]:
     out = {}
     for name, metrics in ((timeline or {}).get("operators") or {}).items():
         if metrics.get("bytes_outputs_of_finished_tasks"):
-            out[name.removeprefix("MapBatches(").removesuffix(")")] = round(metrics["bytes_outputs_of_finished_tasks"] / n)
+            step = "+".join(re.findall(r"MapBatches\((\w+)\)", name)) or name  # fused steps: "a+b"
+            out[step] = round(metrics["bytes_outputs_of_finished_tasks"] / n)
     return out

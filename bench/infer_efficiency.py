@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"= {pipe_ips:.1f} images/s; whole run {jobm['wall_s']:.1f}s = {wall_ips:.1f} images/s")
         say(f"model inside the job's actor: {actor_ips:.1f} images/s ({jobm['actor_model_s']:.1f}s in Predictor)")
         ops = jobm["ray_data"]["operators"]
-        for op in ("MapBatches(read_and_decode_plan)", "MapBatches(Predictor)", "MapBatches(postprocess)"):
-            if ops.get(op, {}).get("function_body_time_s"):
+        for op in ops:  # read_and_decode_plan, Predictor, postprocess fused with write_fragments
+            if ops.get(op, {}).get("function_body_time_s") and op.startswith("MapBatches("):
                 say(f"  {op}: {1000 * ops[op]['function_body_time_s'] / args.n:.1f} ms per image inside the "
                     f"function, first task at +{ops[op]['first_task_t']}s")
         # Per image, CPU-measurable signs of what a GPU would wait for: the bytes each step hands to

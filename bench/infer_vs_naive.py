@@ -363,8 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
         if ort_jobs:
             notes.append(f"--backend onnxruntime: loop/job whole run {result['onnxruntime']['ratio_vs_loop']:.2f}, "
                          f"torch job/onnxruntime job {result['onnxruntime']['ratio_vs_torch_job']:.2f}")
-        return finish("infer_vs_naive" if args.ray == "fresh" else "infer_vs_naive_running_ray", result, argv, f"loop_whole_run/infer_job_whole_run ({args.baseline})",
-                      ratio, GOAL, notes=notes)
+        name = "infer_vs_naive" if args.ray == "fresh" else "infer_vs_naive_running_ray"
+        return finish(name, result, argv, f"{args.baseline}_loop_whole_run/infer_job_whole_run", ratio, GOAL,
+                      notes=notes)
 
 
 def _images(n: float | None) -> str:

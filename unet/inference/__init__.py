@@ -20,8 +20,8 @@ row.
 
 Read it with ``pandas.read_parquet(output)``, ``duckdb.sql("select * from '<output>/*.parquet'")``
 or ``pyarrow.dataset.dataset(output)``; files and folders starting with ``_`` are bookkeeping
-(``_tmp/<run id>/`` and the run's lease ``_lease.json`` while running, ``_runs/`` one JSON record
-per run; :mod:`unet.inference.lease`) and those readers skip them. pandas turns the nullable
+(``_tmp/`` with the run's plan and fragments, and the run's lease ``_lease.json``, while running;
+``_runs/`` one JSON record per run; :mod:`unet.inference.lease`) and those readers skip them. pandas turns the nullable
 integer columns into floats unless given ``dtype_backend="pyarrow"``.
 Files matching ``exclude`` globs, and the output folder itself when it lies inside the input,
 are not inputs.
@@ -48,16 +48,23 @@ Nothing lost, nothing twice — the design:
   input gives the same file names and a rerun overwrites instead of duplicating.
 * **Bounded memory.** The driver never holds the listing: it writes the plan (one small row per
   image file / tar / Parquet row range) to ``<output>/_tmp/<run id>/plan/`` as Parquet, and Ray Data
-  streams it through read/decode tasks -> a model actor pool -> post-processing tasks. The driver
-  collects the post-processed rows (masks are small PNGs) per chunk and writes a part as soon as
-  all of its rows are in, so it holds only the chunks in flight. A tar is one chunk, so keep
-  shards to a sensible size (WebDataset's usual 1-10k samples).
+  streams it through read/decode tasks -> a model actor pool -> post-processing tasks.
+* **No funnel through the driver.** The post-processing tasks write their rows where they are,
+  as *fragment* files (``<output>/_tmp/<run id>-frag-<chunk>-...``), and send the driver only a
+  summary per fragment (which positions of which chunk it holds: a few bytes per image, whatever
+  the masks weigh; ``InferenceSummary.driver_bytes`` counts them). When a chunk's positions are
+  all in, the driver starts a task, on any node, that assembles the part from its fragments,
+  writes it and deletes them; the driver holds only positions of the chunks in flight. A tar is
+  one chunk, so keep shards to a sensible size (WebDataset's usual 1-10k samples).
 * **Atomic parts.** A part is serialised in memory and written in one go: locally to a temporary
   name renamed into place, on S3 as one upload (S3 publishes an object only when it is complete).
   An interrupted job therefore leaves only complete parts behind.
 * **Exactly once.** Every row carries its chunk and its position in the chunk; the driver drops
-  duplicates (a task or a killed actor retried by Ray) and writes a part only when every position
-  is present (for a tar, the read task sends the member count after the last member). A chunk
+  duplicate positions (a task or a killed actor retried by Ray), has a part written only when
+  every position is present (for a tar, the read task sends the member count after the last
+  member) and tells the part task which fragment to take each row from. A fragment's name comes
+  from the positions it holds, so a retried task rewrites its own fragment; a retried part task
+  rewrites the same part name, or keeps the part when an earlier attempt had written it. A chunk
   still incomplete when the stream ends is a bug and fails the job loudly.
 * **Full runs** (default) plan every input; before any work they delete ``part-*.parquet`` files
   that are not in the plan (left by an earlier run over different inputs or chunking) so that

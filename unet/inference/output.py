@@ -5,6 +5,7 @@ The meaning of each column: the README's "Bulk inference" output table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -19,8 +20,9 @@ from .. import storage
 from ..runtime import UsageError
 from .plan import Chunk
 
-__all__ = ["OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler", "delete_parts", "list_parts", "output_schema",
-           "part_bytes", "part_name", "pipeline_schema", "read_footer"]
+__all__ = ["ASSIGNMENT_SCHEMA", "FRAGMENT_SUMMARY_SCHEMA", "OUTPUT_SCHEMA", "PIPELINE_SCHEMA", "PartAssembler",
+           "assemble_part", "delete_parts", "fragment_assignments", "fragment_file", "list_parts", "output_schema",
+           "part_bytes", "part_name", "pipeline_schema", "read_footer", "write_fragments"]
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -58,6 +60,17 @@ def output_schema(dicom_columns: Iterable[str] = ()) -> pa.Schema:
 def pipeline_schema(dicom_columns: Iterable[str] = ()) -> pa.Schema:
     return pa.schema(INTERNAL_FIELDS + list(output_schema(dicom_columns)))
 
+
+# What the driver receives instead of the rows (write_fragments): per fragment file, the chunk,
+# the positions it holds, the chunk's row count if the block carried its end marker (else -1)
+# and the file name ("" when the block held only the marker). A few bytes per image, whatever the
+# masks weigh.
+FRAGMENT_SUMMARY_SCHEMA = pa.schema([pa.field("_chunk", pa.string()), pa.field("_seqs", pa.list_(pa.int64())),
+                                     pa.field("_n", pa.int64()), pa.field("fragment", pa.string())])
+# The same, one row per position (and per end marker), as PartAssembler takes rows; for each
+# position of a complete chunk, the fragment to take its row from.
+ASSIGNMENT_SCHEMA = pa.schema(INTERNAL_FIELDS + [pa.field("fragment", pa.string())])
+
 FORMAT_VERSION = "1"
 PART_RE = re.compile(r"^part-[0-9a-f]{40}\.parquet$")
 TMP_PART_RE = re.compile(r"^\.part-[0-9a-f]{40}\.parquet\.tmp-")  # unet.storage.write_bytes temporaries
@@ -79,11 +92,14 @@ class PartAssembler:
 
     ``write(chunk, table)`` is called exactly once per chunk, with the rows sorted by position.
     Duplicates (a retried task or a restarted actor sending rows again) are dropped by position.
+    Rows are any table with the ``_chunk``, ``_seq`` and ``_n`` columns (the run feeds it
+    :data:`ASSIGNMENT_SCHEMA` rows); ``empty`` is the schema of a chunk without rows.
     """
 
-    def __init__(self, chunks: dict[str, Chunk], write):
+    def __init__(self, chunks: dict[str, Chunk], write, empty: pa.Schema = PIPELINE_SCHEMA):
         self.chunks = chunks
         self.write = write
+        self.empty = empty
         self.pieces: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, set[int]] = {}
         self.written: set[str] = set()
@@ -121,7 +137,7 @@ class PartAssembler:
                 raise RuntimeError(f"chunk {key} got positions {sorted(seen)[:5]}... beyond its "
                                    f"{chunk.expected} rows")
             pieces = self.pieces.pop(key, [])
-            table = (pa.concat_tables(pieces) if pieces else PIPELINE_SCHEMA.empty_table()).sort_by("_seq")
+            table = (pa.concat_tables(pieces) if pieces else self.empty.empty_table()).sort_by("_seq")
             self.seen.pop(key, None)
             self.written.add(key)
             self.write(chunk, table)
@@ -155,6 +171,142 @@ def part_bytes(chunk: Chunk, table: pa.Table, model_id: str, postprocess: dict |
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes(), table.num_rows - errors, errors
+
+
+def fragment_name(seqs: list[int]) -> str:
+    """Name of the fragment holding these (sorted) positions of a chunk: the same rows always give
+    the same name, so a retried task overwrites its own fragment instead of adding one."""
+    digest = hashlib.sha1(",".join(map(str, seqs)).encode()).hexdigest()[:16]
+    return f"{seqs[0]:09d}-{seqs[-1]:09d}-{digest}"
+
+
+def fragment_file(prefix: str, chunk_key: str, name: str) -> str:
+    """A fragment's file name: ``<prefix><chunk>-<fragment_name>.parquet``."""
+    return f"{prefix}{chunk_key}-{name}.parquet"
+
+
+def write_fragments(rows: pa.Table, *, fs: pafs.FileSystem, directory: str, uri: str, prefix: str) -> pa.Table:
+    """Ray Data UDF, the pipeline's last step: write each chunk's rows of this block as one fragment
+    file in ``directory`` (:func:`fragment_file`), and return only their summaries
+    (:data:`FRAGMENT_SUMMARY_SCHEMA`), so the rows never travel to the driver.
+
+    ``fs`` is the output's file system, pickled with its settings (workers may lack the driver's
+    AWS_* environment); ``uri`` names ``directory`` in errors. End markers (``_seq < 0``) are not
+    written: their count travels in the summary's ``_n``. The files lie flat in ``directory``, not
+    in a folder per run or chunk: on stores with real folders (SeaweedFS) deleting several objects
+    of a folder tree can leave empty folders behind, and single files deleted one by one do not.
+    """
+    keys = rows.column("_chunk")
+    out: dict[str, list] = {name: [] for name in FRAGMENT_SUMMARY_SCHEMA.names}
+    for key in pc.unique(keys).to_pylist():
+        chunk_rows = rows.filter(pc.equal(keys, key))
+        markers = chunk_rows.filter(pc.less(chunk_rows.column("_seq"), 0))
+        data = chunk_rows.filter(pc.greater_equal(chunk_rows.column("_seq"), 0)).sort_by("_seq")
+        seqs = data.column("_seq").to_pylist()
+        name = fragment_name(seqs) if seqs else ""
+        if seqs:
+            sink = pa.BufferOutputStream()
+            pq.write_table(data, sink)
+            file = fragment_file(prefix, key, name)
+            _put(fs, f"{directory}/{file}", storage.join(uri, file), sink.getvalue().to_pybytes())
+        out["_chunk"].append(key)
+        out["_seqs"].append(seqs)
+        out["_n"].append(int(markers.column("_n")[0].as_py()) if markers.num_rows else -1)
+        out["fragment"].append(name)
+    return pa.table(out, schema=FRAGMENT_SUMMARY_SCHEMA)
+
+
+def fragment_assignments(summaries: pa.Table) -> pa.Table:
+    """Fragment summaries -> :data:`ASSIGNMENT_SCHEMA` rows for :class:`PartAssembler`: one per
+    position (``_n`` null) and one end marker (``_seq`` -1) per summary that carried a count."""
+    summaries = summaries.combine_chunks()
+    seqs = (summaries.column("_seqs").chunk(0) if summaries.num_rows
+            else pa.array([], FRAGMENT_SUMMARY_SCHEMA.field("_seqs").type))
+    parents = pc.list_parent_indices(seqs)
+    markers = summaries.filter(pc.greater_equal(summaries.column("_n"), 0))
+    return pa.concat_tables([
+        pa.Table.from_arrays([summaries.column("_chunk").take(parents), pc.list_flatten(seqs),
+                              pa.nulls(len(parents), pa.int64()), summaries.column("fragment").take(parents)],
+                             schema=ASSIGNMENT_SCHEMA),
+        pa.Table.from_arrays([markers.column("_chunk"), pa.array([-1] * markers.num_rows, pa.int64()),
+                              markers.column("_n"), pa.array([""] * markers.num_rows, pa.string())],
+                             schema=ASSIGNMENT_SCHEMA)])
+
+
+def assemble_part(chunk: Chunk, assigned: pa.Table, *, fs: pafs.FileSystem, fragments: str, fragments_uri: str,
+                  prefix: str, out_path: str, out_uri: str, model_id: str, postprocess: dict | None = None,
+                  input_root: str | None = None, dicom_columns: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Write a complete chunk's part from its fragments; returns (ok, error) rows.
+
+    ``assigned`` (``_seq``, ``fragment``; from :class:`PartAssembler`) names, for each position,
+    the fragment to take its row from, so rows that a retried task wrote twice are taken once;
+    ``fragments``/``fragments_uri``/``prefix`` say where :func:`write_fragments` put them.
+    The part is :func:`part_bytes` of the rows in position order, written atomically; then the
+    fragments are deleted. Run again (a retried task), it finds fragments gone only if an earlier
+    attempt had already written the whole part (fragment names carry this run's id, and they are
+    deleted only after the part is in place) and then keeps that part.
+    """
+    name = part_name(chunk.key)
+    path, uri = f"{out_path}/{name}", storage.join(out_uri, name)
+    names = pc.unique(assigned.column("fragment")).to_pylist()
+    files = [fragment_file(prefix, chunk.key, n) for n in names]
+    pieces = []
+    try:
+        for fragment, file in zip(names, files):
+            rows = _read_parquet(fs, f"{fragments}/{file}", storage.join(fragments_uri, file))
+            mine = assigned.filter(pc.equal(assigned.column("fragment"), fragment)).column("_seq")
+            pieces.append(rows.filter(pc.is_in(rows.column("_seq"), value_set=mine.combine_chunks())))
+    except FileNotFoundError:
+        with storage.errors(uri, "check"):
+            done = fs.get_file_info(path).type == pafs.FileType.File
+        if not done:
+            raise
+        errors = read_footer(fs, path, uri)[1]
+        return assigned.num_rows - errors, errors
+    table = pa.concat_tables(pieces) if pieces else pipeline_schema(dicom_columns).empty_table()
+    if table.num_rows != assigned.num_rows:
+        raise RuntimeError(f"chunk {chunk.key}: its fragments hold {table.num_rows} of the {assigned.num_rows} "
+                           f"rows the pipeline reported (a bug; rerun with --incremental to complete)")
+    data, ok, errors = part_bytes(chunk, table.sort_by("_seq"), model_id, postprocess, input_root, dicom_columns)
+    _put(fs, path, uri, data)
+    for file in files:
+        _delete(fs, f"{fragments}/{file}", storage.join(fragments_uri, file))
+    return ok, errors
+
+
+def _put(fs: pafs.FileSystem, path: str, uri: str, data: bytes) -> None:
+    """Write a whole file atomically with ``fs`` (locally: :func:`unet.storage.write_bytes`, a
+    temporary renamed into place; S3 publishes an object only when its upload is complete)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        storage.write_bytes(path, data)
+        return
+
+    def write() -> None:  # a whole object, so a transient failure is simply written again
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    with storage.errors(uri, "write"):
+        storage.retrying(write)
+
+
+def _delete(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    def delete() -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:  # gone already: an earlier attempt's request did delete it
+            pass
+
+    with storage.errors(uri, "delete"):
+        storage.retrying(delete)
+
+
+def _read_parquet(fs: pafs.FileSystem, path: str, uri: str) -> pa.Table:
+    def read() -> bytes:
+        with fs.open_input_file(path) as f:
+            return f.read()
+
+    with storage.errors(uri, "read"):
+        return pq.read_table(pa.BufferReader(storage.retrying(read)))
 
 
 def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:

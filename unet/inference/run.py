@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .. import faults, storage
@@ -23,7 +24,8 @@ from .decode import DEFAULT_MAX_PIXELS
 from .lease import OutputLease
 from .model import BACKENDS, MASK_RULE_KEYS, Predictor, backend_model, postprocess
 from ..dicom import DICOM_COLUMNS
-from .output import PartAssembler, delete_parts, list_parts, output_schema, part_bytes, part_name, read_footer
+from .output import (ASSIGNMENT_SCHEMA, PartAssembler, assemble_part, delete_parts, fragment_assignments, list_parts,
+                     output_schema, part_name, read_footer, write_fragments)
 from .plan import Chunk, DoneIndex, PlanWriter, input_root, plan_inputs
 from .read import DEFAULT_MAX_BYTES, read_and_decode_plan
 
@@ -128,6 +130,7 @@ class InferenceSummary:
     units_planned: int = 0
     units_skipped: int = 0
     parts_deleted: int = 0
+    driver_bytes: int = 0  # what the pipeline sent the driver: fragment summaries, no masks
     wall_s: float = 0.0
 
     def to_dict(self) -> dict:
@@ -263,7 +266,7 @@ def run_inference(config: InferenceConfig) -> InferenceSummary:
                     summary.units_planned, len(chunks), plan.total, summary.units_skipped)
 
         if chunks:
-            _execute(config, loaded, chunks, plan.tasks, in_fs, root, root_uri, settings, summary)
+            _execute(config, loaded, chunks, plan.tasks, in_fs, root, root_uri, settings, summary, run_id)
         if lease.lost:
             raise RuntimeError(f"{config.output}: this run lost its lease to another run while writing (it "
                                f"could not renew it for {lease.ttl_s:g} s); rerun with --incremental")
@@ -363,17 +366,30 @@ def _differences(part_model: str, part_postprocess: dict | None, part_input: str
 
 
 def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], read_tasks: list[dict], in_fs,
-             root: str, root_uri: str, settings: ModelSettings, summary: InferenceSummary) -> None:
-    """Build the Ray Data pipeline over the plan and write parts as chunks complete."""
+             root: str, root_uri: str, settings: ModelSettings, summary: InferenceSummary, run_id: str) -> None:
+    """Build the Ray Data pipeline over the plan and have parts written as chunks complete.
+
+    The rows never come to the driver: the pipeline's last step writes them where they are, as
+    fragment files in ``<output>/_tmp/`` (:func:`~.output.write_fragments`), and
+    sends the driver a few bytes per image (which positions of which chunk each fragment holds).
+    The driver only counts positions (:class:`PartAssembler`: duplicates from retried tasks are
+    dropped there) and, when a chunk is complete, starts a task that assembles its part from the
+    fragments (:func:`~.output.assemble_part`). ``summary.driver_bytes`` counts what it received.
+    """
     import ray
 
+    out_fs, out_path = storage.get_filesystem(config.output)
+    out_path = out_path.rstrip("/")
+    # Fragments: <output>/_tmp/<run id>-frag-<chunk>-<positions>.parquet (write_fragments says why flat).
+    fragments = dict(fs=out_fs, directory=f"{out_path}/_tmp", uri=storage.join(config.output, "_tmp"),
+                     prefix=f"{run_id}-frag-")
     # One block per read task (a row group of a plan file), read and decoded by one Ray task: no
     # separate plan-reading step or repartition (ray.data.read_parquet's listing and footer pass
     # alone cost seconds per run).
     ds = ray.data.from_items(read_tasks, override_num_blocks=len(read_tasks))
     ds = ds.map_batches(
         read_and_decode_plan, batch_format="pyarrow", batch_size=None, num_cpus=_side_cpus(config),
-        fn_kwargs=dict(plan_fs=storage.get_filesystem(config.output)[0], fs=in_fs, root=root, root_uri=root_uri,
+        fn_kwargs=dict(plan_fs=out_fs, fs=in_fs, root=root, root_uri=root_uri,
                        input_size=settings.input_size, image_column=config.image_column,
                        id_column=config.id_column, max_pixels=config.max_pixels, max_bytes=config.max_bytes,
                        dicom_columns=config.dicom_columns))
@@ -388,34 +404,38 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], read_tas
                         fn_kwargs=dict(mask_rule={k: getattr(settings, k) for k in MASK_RULE_KEYS},
                                        model_id=loaded.model_id, save_probabilities=config.save_probabilities,
                                        dicom_columns=config.dicom_columns))
+    # Same resources as post-processing, so Ray Data fuses the two: the rows go from the task that
+    # made them straight to storage.
+    ds = ds.map_batches(write_fragments, batch_format="pyarrow", batch_size=None, num_cpus=_side_cpus(config),
+                        fn_kwargs=fragments)
 
-    pending: list[concurrent.futures.Future] = []
+    # Part tasks ask for the side steps' CPUs (they then fit wherever those do) and are spread over
+    # the nodes, so no one node reads every fragment and writes every part.
+    assemble = ray.remote(assemble_part).options(num_cpus=_side_cpus(config), scheduling_strategy="SPREAD")
+    part_kwargs = dict(fs=out_fs, fragments=fragments["directory"], fragments_uri=fragments["uri"],
+                       prefix=fragments["prefix"], out_path=out_path, out_uri=config.output, model_id=loaded.model_id,
+                       postprocess=_part_settings(settings, config), input_root=root_uri,
+                       dicom_columns=config.dicom_columns)
+    pending: list = []  # the part tasks in flight
 
-    with concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="unet-infer-write") as pool:
-        def write(chunk: Chunk, table: pa.Table) -> None:
-            name = part_name(chunk.key)
-
-            def job():
-                data, ok, errors = part_bytes(chunk, table, loaded.model_id, _part_settings(settings, config), root_uri,
-                                              config.dicom_columns)
-                storage.write_bytes(storage.join(config.output, name), data)
-                return ok, errors
-
-            pending.append(pool.submit(job))
-            while len(pending) >= MAX_PENDING_WRITES:  # bound the parts held in memory
-                _collect(pending, summary, wait=True)
-
-        assembler = PartAssembler(chunks, write)
-        progress, rows = ProgressLine(logger.info), 0
-        # Ray Data starts its model actors here; see quiet_native_stderr for the line it keeps quiet.
-        with quiet_native_stderr():
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-                assembler.add(batch)
-                _collect(pending, summary, wait=False)
-                rows += batch.num_rows
-                progress.update(f"{rows} images done; {summary.parts_written}/{len(chunks)} parts written")
-        while pending:
+    def write(chunk: Chunk, assigned: pa.Table) -> None:
+        pending.append(assemble.remote(chunk, assigned.select(["_seq", "fragment"]), **part_kwargs))
+        while len(pending) >= MAX_PENDING_WRITES:  # bound the parts being assembled
             _collect(pending, summary, wait=True)
+
+    assembler = PartAssembler(chunks, write, empty=ASSIGNMENT_SCHEMA)
+    progress, rows = ProgressLine(logger.info), 0
+    # Ray Data starts its model actors here; see quiet_native_stderr for the line it keeps quiet.
+    with quiet_native_stderr():
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            summary.driver_bytes += batch.nbytes
+            assigned = fragment_assignments(batch)
+            assembler.add(assigned)
+            _collect(pending, summary, wait=False)
+            rows += int(pc.sum(pc.greater_equal(assigned.column("_seq"), 0)).as_py() or 0)
+            progress.update(f"{rows} images done; {summary.parts_written}/{len(chunks)} parts written")
+    while pending:
+        _collect(pending, summary, wait=True)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("Ray Data stats:\n%s", ds.stats())
     if assembler.duplicates:
@@ -427,11 +447,16 @@ def _execute(config: InferenceConfig, loaded, chunks: dict[str, Chunk], read_tas
 
 
 def _collect(pending: list, summary: InferenceSummary, wait: bool) -> None:
-    if wait and pending:
-        concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-    for future in [f for f in pending if f.done()]:
-        pending.remove(future)
-        ok, errors = future.result()  # a failed write raises here and stops the job
+    """Count the finished part tasks (waiting for one if ``wait``); a failed one raises here and
+    stops the job."""
+    import ray
+
+    if not pending:
+        return
+    done, _ = ray.wait(pending, num_returns=1 if wait else len(pending), timeout=None if wait else 0)
+    for ref in done:
+        pending.remove(ref)
+        ok, errors = ray.get(ref)
         summary.parts_written += 1
         summary.rows_ok += ok
         summary.rows_error += errors
