@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         for op in ops:  # read_and_decode_plan, Predictor, postprocess fused with write_fragments
             if ops.get(op, {}).get("function_body_time_s") and op.startswith("MapBatches("):
                 say(f"  {op}: {1000 * ops[op]['function_body_time_s'] / args.n:.1f} ms per image inside the "
-                    f"function, first task at +{ops[op]['first_task_t']}s")
+                    f"function" + (f", first task at +{ops[op]['first_task_t']}s" if ops[op]["first_task_t"] is not None else ""))
         # Per image, CPU-measurable signs of what a GPU would wait for: the bytes each step hands to
         # the next, and the actor's time beyond the model's own (moving batches in and out).
         outside_ms = 1000 / actor_ips - 1000 / baseline
