@@ -103,7 +103,7 @@ else
   run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32 --augment-on gpu
   run_bench bench.train_throughput --gpu --amp bf16 --image-size 256 --num 400 --batch-size 32 --augment-on cpu
   run_bench bench.infer_efficiency --gpu --n $NB --batch-size 64 --input-size 256
-  run_bench bench.infer_vs_naive --gpu --n $NB --batch-size 64 --input-size 256 --rounds 1
+  run_bench bench.infer_vs_naive --gpu --n $NB --batch-size 64 --sizes square --size 256 --model random --input-size 256 --rounds 1
 fi
 grep -h -E "ratio|images/s|img/s" $OUT/bench.log | tail -20
 (cd $OUT && tar -cf bench.tar bench && rm -rf bench)
