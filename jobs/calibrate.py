@@ -3,6 +3,7 @@
     python -m jobs.calibrate --model busi-unet --data runs/busi_prepared --out runs/busi-unet-cal
     python -m jobs.calibrate --model runs/busi-unet/model --data runs/busi_prepared --max-false-lesion-rate 0.2
     python -m jobs.evaluate --model runs/busi-unet-cal --data runs/busi_prepared --split test --out runs/eval/cal
+    python -m jobs.calibrate --model runs/busi-cv/model --data runs/busi_prepared --split oof --out runs/busi-cv/calibrated
 
 Runs the model over ``--split`` (default val) without and with flip TTA, then searches mask
 threshold × image-level gate × minimum component area × largest component × TTA for the highest
@@ -17,6 +18,9 @@ grid; the weights (and so the model id) are unchanged. Every later ``jobs.evalua
 shipped models in ``unet/weights``, which are never changed. ``--split test`` is refused: the test
 split is looked at once per shipped model and never used to choose settings. The last line printed
 is the written artifact's location. Bad use exits with code 2 and one line on stderr.
+
+``--split oof`` (for the ensemble ``jobs.train --folds K`` writes): each member runs over the fold it
+was validated on, never trained on, so the search sees every image of train+val once, out of fold.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="model artifact: pretrained name (e.g. busi-unet), local directory or s3:// URI")
     p.add_argument("--data", required=True, help="prepared data URI (output of jobs.prepare)")
-    p.add_argument("--split", default="val", choices=("train", "val", "test"),
-                   help="split to calibrate on (default: val; test is refused)")
+    p.add_argument("--split", default="val",
+                   help="split to calibrate on: val (default), a fold such as val@fold2of5, or oof for a "
+                        "cross-validation ensemble (jobs.train --folds K): each member on its own held-out "
+                        "fold; test is refused")
     p.add_argument("--max-false-lesion-rate", type=float, default=0.10,
                    help="highest share of normal images allowed a predicted lesion (default: 0.10)")
     p.add_argument("--out", default=None,
@@ -101,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{row['false_lesions']}/{result.images['normal']} ({row['false_lesion_rate']:.3f}), missed "
             f"{row['missed_lesion_rate']:.3f}; threshold {row['threshold']}, gate {row['gate_threshold']}, "
             f"min area {row['min_area']}, largest component {row['largest_component']}, tta {row['tta']}")
+    for part, row in result.by_split.items():
+        log(f"chosen, on the out-of-fold predictions of the {part} split's images only: Dice {row['dice']:.4f}, "
+            f"lesion Dice {row['lesion_dice']:.4f}, false lesions {row['false_lesions']}, missed "
+            f"{row['missed_lesion_rate']:.3f}")
     written = write_calibrated(loaded, result, dest, command=shlex.join(["python", "-m", "jobs.calibrate", *argv]))
     log(f"wrote {written} (model id {loaded.model_id}, weights unchanged)")
     print(written, flush=True)  # last line: the artifact, for scripts to pick up

@@ -48,23 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.models) < 2:
         raise UsageError(f"--models needs at least 2 artifacts; got {len(args.models)}")
 
-    from unet.artifact import load_artifact, save_artifact
-    from unet.models.ensemble import ensemble_of
+    from unet.artifact import save_ensemble
 
     try:
-        loaded = [load_artifact(m) for m in args.models]
-        model = ensemble_of(loaded, args.input_size)
+        written, loaded, size = save_ensemble(args.models, args.out, name=args.name, input_size=args.input_size,
+                                        weights_dtype=args.weights_dtype,
+                                        provenance={"command": shlex.join(["python", "-m", "jobs.ensemble", *argv])})
     except ValueError as e:  # an artifact that is not one, or members that cannot be combined
         raise UsageError(str(e)) from e
-    members = [{"model": ref, "model_id": m.model_id, "input_size": list(m.settings.input_size),
-                "provenance": m.config.get("provenance", {})} for ref, m in zip(args.models, loaded, strict=True)]
-    written = save_artifact(model, args.out, input_size=model.input_size, 
-                            normalization=model.input_normalization,
-                            name=args.name, weights_dtype=args.weights_dtype,
-                            provenance={"command": shlex.join(["python", "-m", "jobs.ensemble", *argv]),
-                                        "members": members})
     print(f"[ensemble] {len(loaded)} members: {', '.join(m.model_id for m in loaded)}; input size "
-          f"{model.input_size[0]}x{model.input_size[1]}", flush=True)
+          f"{size[0]}x{size[1]}", flush=True)
     print(written, flush=True)  # last line: the artifact, for scripts to pick up
     return 0
 

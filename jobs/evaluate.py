@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="model artifact: pretrained name (e.g. busi-unet), local directory or s3:// URI")
     p.add_argument("--data", required=True, help="prepared data URI (output of jobs.prepare)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default: test)")
+    p.add_argument("--split", default="test",
+                   help="split to score: train, val, test (default), or a cross-validation fold such as val@fold2of5")
     p.add_argument("--out", required=True, help="output directory or s3:// prefix")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs; 0 = none (default: 1000)")
@@ -129,11 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports after argument parsing so that --help and usage errors are instant.
     from unet.artifact import load_artifact
     from unet.evaluation import evaluate, write_outputs
+    from unet.shards import parse_split
 
     def log(line: str) -> None:
         print(f"[evaluate {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-    with usage_errors():  # an unknown model name or --device is bad use
+    with usage_errors():  # an unknown split, model name or --device is bad use
+        parse_split(args.split)
         device = resolve_device(args.device)
         loaded = load_artifact(args.model, device=device)
     log(f"model {loaded.model_id} ({loaded.settings.architecture}) on {device}; "

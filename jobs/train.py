@@ -6,6 +6,8 @@
     python -m jobs.train --config configs/busi.yaml --set model_kwargs.dropout=0.1 --epochs 80
     python -m jobs.train --data s3://bucket/busi-prepared --storage s3://bucket/runs --name busi-unet \\
         --use-gpu --workers 4 --image-size 256 --amp bf16
+    python -m jobs.train --config configs/busi_cv.yaml                  # 5 folds over train+val + their ensemble
+    python -m jobs.train --config configs/busi_cv.yaml --fold 2         # one fold only
     python -m jobs.train --smoke-test --augment-on gpu   # augment on the worker's device (kornia; slow on CPU)
     python -m jobs.train --smoke-test --mlflow        # + MLflow tracking in ./mlruns (or --mlflow http://host:5000)
     ray job submit --runtime-env deploy/runtime_env.yaml -- python -m jobs.train --config configs/busi.yaml \
@@ -22,6 +24,13 @@ the validation Dice, and the latest). Re-running the same command resumes an int
 its latest checkpoint and only re-exports a finished one. The best checkpoint is exported as a
 model artifact (config.json + model.safetensors) to ``--export`` (default
 ``<storage>/<name>/model``); its location is the last line printed.
+
+``--folds K``: K-fold cross-validation over train+val (the test split never takes part; duplicate
+groups stay in one fold, classes stratified): fold k trains on the other folds, is validated and
+picks its best epoch on fold k, and lives in ``<storage>/<name>-fold<k>``; the folds run one after
+another (re-running resumes the unfinished ones), then the ensemble of the K models, averaging their
+probabilities, is written to ``<storage>/<name>/model``. Choose its post-processing on the folds'
+held-out images with ``python -m jobs.calibrate --split oof``. ``--fold k`` trains one fold only.
 
 Ray: joins ``--address`` (``auto``: the ``ray start`` cluster of this machine) or ``$RAY_ADDRESS``
 (as under ``ray job submit``), else starts a private local Ray with ``--num-cpus`` (default: all
@@ -49,7 +58,7 @@ from unet.losses import LOSSES
 from unet.runtime import configure_output, require_shared_paths
 from unet.models import MODELS
 from unet.training import (AMP_DTYPES, MONITORS, OPTIMIZERS, PLACEMENT_STRATEGIES, SCHEDULES, TrainConfig,
-                           fit, load_config_file)
+                           fit, fit_folds, load_config_file)
 from unet.training.config import AUGMENT_ON
 
 # The settings that get a flag of their own; every TrainConfig field also works with --set.
@@ -76,6 +85,9 @@ _FLAGS: list[tuple[str, dict]] = [
                         "--use-gpu)")),
     ("oversample", dict(metavar="YAML", help="train rows of a class n times per epoch, each copy augmented "
                         "differently, e.g. '{normal: 3}'")),
+    ("folds", dict(type=int, metavar="K", help="K-fold cross-validation over train+val: train every fold (each "
+                   "validated on its held-out fold; runs <name>-fold<k>), then their ensemble (<name>/model)")),
+    ("fold", dict(type=int, metavar="k", help="with --folds: train fold k only (0-based), e.g. one job per fold")),
     ("workers", dict(metavar="N|N-M", help="training workers; N-M = elastic group (Ray Train V2)")),
     ("use-gpu", dict(action=argparse.BooleanOptionalAction, help="one GPU per worker, NCCL")),
     ("cpus-per-worker", dict(type=float, help="CPUs per worker (default: planned from the cluster)")),
@@ -173,6 +185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     require_shared_paths({"--data": resolved.data, "--storage": resolved.storage, "--export": resolved.export},
                          resolved.address)
     command = shlex.join(["python", "-m", "jobs.train", *(sys.argv[1:] if argv is None else argv)])
+    if resolved.folds is not None and resolved.fold is None:
+        folds = fit_folds(cfg, command=command)
+        for k, o in enumerate(folds.folds):
+            print(f"fold {k}: run {o.run_uri}, best epoch {o.best_epoch}: {resolved.monitor} "
+                  f"{o.best_metrics.get(resolved.monitor, float('nan')):.4f} ({o.seconds:.0f}s)")
+        print(f"ensemble of {len(folds.folds)} folds ({folds.seconds:.0f}s); calibrate it on the folds' held-out "
+              f"images: python -m jobs.calibrate --model {folds.artifact} --data {folds.data} --split oof")
+        print(f"model artifact: {folds.artifact}")
+        return 0
     outcome = fit(cfg, command=command)
     m = outcome.best_metrics
     status = "trained" if outcome.trained else "already finished, re-exported"

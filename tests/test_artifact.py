@@ -409,3 +409,31 @@ def test_float16_storage_halves_the_file_and_loads_back_into_float32(tmp_path):
     assert load_artifact(again).model_id == loaded.model_id
     with pytest.raises(ValueError, match="weights_dtype must be one of float32, float16"):
         _save(model, tmp_path / "bad", weights_dtype="bfloat16")
+
+
+def test_large_weights_are_written_in_shards_that_load_back_exactly(tmp_path):
+    model = _trained("unet")
+    whole = _save(model, tmp_path / "whole")
+    total = (Path(whole) / WEIGHTS_NAME).stat().st_size
+    sharded = Path(_save(model, tmp_path / "sharded", shard_mib=total / 3 / 2**20))
+    config = json.loads((sharded / CONFIG_NAME).read_text())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) >= 3 and files == [s["file"] for s in config["weights_shards"]]
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors" and WEIGHTS_NAME not in files
+    assert all((sharded / f).stat().st_size <= total / 3 + 4096 for f in files)  # + each shard's header
+    loaded = load_artifact(sharded)
+    x = torch.rand(1, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    # The id is a function of the weights (and their sharding): re-saving alike gives the same id.
+    again = _save(loaded.model, tmp_path / "again", shard_mib=total / 3 / 2**20)
+    assert load_artifact(again).model_id == loaded.model_id != load_artifact(whole).model_id
+    # A changed shard, or a config pointing outside the artifact, is refused naming the file.
+    data = bytearray((sharded / files[1]).read_bytes())
+    data[-1] ^= 0xFF
+    (sharded / files[1]).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{files[1]}: sha256 .* does not match"):
+        load_artifact(sharded)
+    _edit_config(Path(again), weights_shards=[{"file": "../whole/model.safetensors", "sha256": "0" * 64}])
+    with pytest.raises(ValueError, match="weights_shards entry"):
+        load_artifact(again)

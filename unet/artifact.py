@@ -2,7 +2,8 @@
 
 An artifact is everything inference needs to reproduce a trained model's predictions::
 
-    <dest>/model.safetensors   the state dict (tensors + a JSON header; loading runs no code)
+    <dest>/model.safetensors   the state dict (tensors + a JSON header; loading runs no code);
+                               above 16 MiB (an ensemble) split into model-0000i-of-0000n.safetensors
     <dest>/config.json         {"format_version": 1,
                                 "name": "unet",                      # prefix of model_id
                                 "architecture": "unet",              # key of unet.models.MODELS
@@ -43,6 +44,8 @@ import json
 import math
 import numbers
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +71,15 @@ __all__ = [
     "list_pretrained",
     "load_artifact",
     "save_artifact",
+    "save_ensemble",
 ]
 
 FORMAT_VERSION = 1
 WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SHARD_MIB = 16  # largest weights file written; bigger models are split (keeps each file well under 20 MB)
+_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 # Package data: named, ready-to-use artifacts (may be absent in a fresh checkout).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REQUIRED_KEYS = (
@@ -227,6 +233,37 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_sha256(files: dict[str, bytes]) -> str:
+    """What ``model_id`` hashes: the weights file's sha256, or for shards the sha256 of their sha256s in order."""
+    shas = [_sha(b) for b in files.values()]
+    return shas[0] if len(shas) == 1 else _sha("".join(shas).encode())
+
+
+def _shard_files(tensors: dict[str, torch.Tensor], shard_mib: float) -> dict[str, bytes]:
+    """``{file name: safetensors bytes}``: one :data:`WEIGHTS_NAME`, or consecutive shards of whole
+    tensors of at most ``shard_mib`` each (a larger tensor gets a shard of its own)."""
+    limit = shard_mib * 1024 * 1024
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append({})
+            size = 0
+        groups[-1][key] = tensor
+        size += nbytes
+    # One metadata key only: safetensors orders several keys differently from run to run, and the
+    # bytes must be deterministic so that the same weights always get the same sha256 / model_id.
+    blobs = [safetensors.torch.save(g, metadata={"format": "pt"}) for g in groups]
+    if len(blobs) == 1:
+        return {WEIGHTS_NAME: blobs[0]}
+    return {f"model-{i + 1:05d}-of-{len(blobs):05d}.safetensors": b for i, b in enumerate(blobs)}
+
+
 def save_artifact(
     model: nn.Module,
     dest: str | os.PathLike,
@@ -240,6 +277,7 @@ def save_artifact(
     provenance: dict | None = None,
     name: str | None = None,
     weights_dtype: str = "float32",
+    shard_mib: float = SHARD_MIB,
 ) -> str:
     """Write ``model`` as an artifact directory ``dest`` (local path or URI); returns ``dest``.
 
@@ -258,6 +296,10 @@ def save_artifact(
         name: prefix of ``model_id``; default ``architecture``.
         weights_dtype: ``"float32"`` or ``"float16"``: how floating-point tensors are stored
             (float16 halves the file; loading casts them back to the model's float32).
+        shard_mib: weights larger than this are written as several files
+            ``model-0000i-of-0000n.safetensors`` of at most this size each (whole tensors, in key
+            order; listed with their sha256 in ``config["weights_shards"]``), so that no file of a
+            large model (an ensemble) is one big blob. Default :data:`SHARD_MIB`; one file below it.
 
     Raises:
         ValueError: a bad argument, or architecture/model_kwargs that do not describe ``model``.
@@ -298,9 +340,7 @@ def save_artifact(
     dtype = WEIGHTS_DTYPES[weights_dtype]
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
                for k, v in state.items()}
-    # One metadata key only: safetensors orders several keys differently from run to run, and the
-    # bytes must be deterministic so that the same weights always get the same sha256 / model_id.
-    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    files = _shard_files(tensors, shard_mib)
     config = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -312,7 +352,8 @@ def save_artifact(
         **({"weights_dtype": weights_dtype} if weights_dtype != "float32" else {}),
         **({"postprocess": check_postprocess(postprocess, where)} if postprocess else {}),
         "provenance": provenance,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        **({"weights_shards": [{"file": f, "sha256": _sha(b)} for f, b in files.items()]} if len(files) > 1 else {}),
+        "weights_sha256": _weights_sha256(files),
         "num_parameters": count_parameters(model),
         "unet_version": __version__,
     }
@@ -320,9 +361,35 @@ def save_artifact(
         Path(dest).mkdir(parents=True, exist_ok=True)
     # Weights first, config last: an interrupted save leaves no config (or a stale sha256),
     # which load_artifact reports instead of silently loading mismatched weights.
-    _write(dest, WEIGHTS_NAME, weights)
+    for file, data in files.items():
+        _write(dest, file, data)
     _write(dest, CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return dest
+
+
+def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",
+                  input_size: Sequence[int] | None = None, weights_dtype: str = "float32",
+                  provenance: dict | None = None) -> tuple[str, list[LoadedModel], tuple[int, int]]:
+    """Load the artifacts ``models`` (names, directories or URIs) and save the ensemble that averages
+    them (:func:`unet.models.ensemble.ensemble_of`) at ``dest``; returns (``dest``, the loaded
+    members, the ensemble's input size).
+
+    The ensemble's provenance is ``provenance`` plus ``members``: per member the reference it was
+    loaded from, its model id, input size and its own provenance (training config, data, ...).
+
+    Raises:
+        ValueError: fewer than 2 models, an artifact that is not one, or members that cannot be combined.
+    """
+    from unet.models.ensemble import ensemble_of
+
+    loaded = [load_artifact(m) for m in models]
+    model = ensemble_of(loaded, input_size)
+    members = [{"model": str(ref), "model_id": m.model_id, "input_size": list(m.settings.input_size),
+                "provenance": m.config.get("provenance", {})} for ref, m in zip(models, loaded, strict=True)]
+    written = save_artifact(model, dest, input_size=model.input_size, normalization=model.input_normalization,
+                            name=name, weights_dtype=weights_dtype,
+                            provenance={**(provenance or {}), "members": members})
+    return written, loaded, tuple(model.input_size)
 
 
 def _parse_config(data: bytes, config_path: str) -> tuple[dict, ModelSettings]:
@@ -384,18 +451,29 @@ def _load_artifact(name_or_path_or_uri: str | os.PathLike, device: str) -> Loade
     architecture = settings.architecture
     model = _build(architecture, config["model_kwargs"], f"{config_path}: ")
 
-    weights_path = _join(location, WEIGHTS_NAME)
-    weights = _read(location, WEIGHTS_NAME, WEIGHTS_NAME)
-    sha = hashlib.sha256(weights).hexdigest()
+    shards = config.get("weights_shards") or [{"file": WEIGHTS_NAME, "sha256": config["weights_sha256"]}]
+    tensors, files = {}, {}
+    for shard in shards:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("sha256"), str)
+                and _SHARD_NAME.fullmatch(shard["file"])):
+            raise ValueError(f"{config_path}: weights_shards entry {shard!r} is not "
+                             "{'file': 'model-0000i-of-0000n.safetensors', 'sha256': ...}")
+        weights_path = _join(location, shard["file"])
+        files[shard["file"]] = weights = _read(location, shard["file"], shard["file"])
+        if _sha(weights) != shard["sha256"]:
+            raise ValueError(
+                f"{weights_path}: sha256 {_sha(weights)} does not match {shard['sha256']} in "
+                f"{CONFIG_NAME}; the weights were changed or only partly written"
+            )
+        try:
+            tensors.update(safetensors.torch.load(weights))
+        except SafetensorError as e:
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    sha = _weights_sha256(files)
     if sha != config["weights_sha256"]:
-        raise ValueError(
-            f"{weights_path}: sha256 {sha} does not match weights_sha256 {config['weights_sha256']} in "
-            f"{CONFIG_NAME}; the weights were changed or only partly written"
-        )
-    try:
-        tensors = safetensors.torch.load(weights)
-    except SafetensorError as e:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+        raise ValueError(f"{config_path}: weights_sha256 {config['weights_sha256']} does not match its weights "
+                         f"files ({sha}); the artifact was changed or only partly written")
+    weights_path = _join(location, shards[0]["file"] if len(shards) == 1 else "model-*.safetensors")
     mismatch = _compare_state(model.state_dict(), tensors)
     if mismatch:
         raise ValueError(

@@ -28,6 +28,10 @@ product over images. The chosen row is re-scored with ``final_mask`` itself, ima
 what is stored is what evaluation and inference will do. The test split is refused: it is looked
 at once per shipped model and never used to choose anything.
 
+For a cross-validation ensemble (``jobs.train --folds K``) the split ``"oof"`` runs each member over
+its own held-out fold instead (:func:`predict_out_of_fold`): ~530 BUSI images, ~88 of them normal,
+each predicted by a model that never saw it, rather than val's 94 and 15.
+
 Example::
 
     from unet.artifact import load_artifact
@@ -40,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import tempfile
@@ -58,10 +63,10 @@ from unet.evaluation import iter_split_batches, predict_probabilities
 from unet.postprocess import CONNECTIVITY  # the components final_mask sees; defined once, there
 from unet.postprocess import final_mask
 from unet.runtime import ProgressLine, UsageError
-from unet.shards import manifest_sha256
+from unet.shards import FOLD_SOURCES, fold_split, manifest_sha256, parse_split, split_ids
 
-__all__ = ["MIN_AREAS", "THRESHOLDS", "Calibration", "SplitPredictions", "calibrate", "check_split", "min_area_limit",
-           "output_location", "predict_split", "score_setting", "search", "write_calibrated"]
+__all__ = ["MIN_AREAS", "OUT_OF_FOLD", "THRESHOLDS", "Calibration", "SplitPredictions", "calibrate", "check_split", "min_area_limit",
+           "fold_members", "output_location", "predict_out_of_fold", "predict_split", "score_setting", "search", "write_calibrated"]
 
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.3, 0.35, ..., 0.7
 MIN_AREAS = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01)
@@ -69,11 +74,19 @@ SETTING_KEYS = ("threshold", "gate_threshold", "min_area", "largest_component", 
 METRIC_KEYS = ("dice", "lesion_dice", "false_lesion_rate", "false_lesions", "missed_lesion_rate")
 
 
+OUT_OF_FOLD = "oof"  # every member of a cross-validation ensemble on its own held-out fold
+
+
 def check_split(split: str) -> None:
-    """Refuse to choose anything on the test split (UsageError)."""
+    """Refuse to choose anything on the test split, or on a name that is no split (UsageError)."""
     if split == "test":
         raise UsageError("split 'test' cannot be used for calibration: the test split is looked at once per "
                          "shipped model and never used to choose settings; calibrate on 'val'")
+    if split != OUT_OF_FOLD:
+        try:
+            parse_split(split)
+        except ValueError as e:
+            raise UsageError(f"{e}; or '{OUT_OF_FOLD}' for a cross-validation ensemble") from e
 
 
 @dataclass
@@ -96,6 +109,14 @@ class SplitPredictions:
         if normal == 0 or normal == n:
             raise UsageError(f"calibration needs normal and lesion images in the split; it has {normal} normal "
                              f"of {n} images")
+
+    def subset(self, ids: set[str]) -> SplitPredictions:
+        """The predictions of the images in ``ids`` only (e.g. the val images of out-of-fold predictions)."""
+        keep = [i for i, image in enumerate(self.ids) if image in ids]
+        return SplitPredictions([self.ids[i] for i in keep], [self.classes[i] for i in keep],
+                                [self.truths[i] for i in keep],
+                                {t: [p[i] for i in keep] for t, p in self.probs.items()},
+                                {t: None if v is None else v[keep] for t, v in self.lesion.items()})
 
 
 def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size: int = 8,
@@ -126,6 +147,54 @@ def predict_split(loaded: Any, data_uri: str, split: str = "val", *, batch_size:
         raise ValueError(f"split '{split}' of {data_uri} repeats image ids; re-run jobs.prepare")
     return SplitPredictions(ids, classes, truths, probs,
                             {t: None if v is None else np.asarray(v, np.float64) for t, v in lesion.items()})
+
+
+def fold_members(loaded: Any, data_uri: str) -> list[tuple[Any, str]]:
+    """Each member of a cross-validation ensemble (:func:`unet.training.fit_folds`) as a model of its
+    own, with the split it never trained on: ``[(LoadedModel, "val@fold<k>of<K>"), ...]``.
+
+    Raises :class:`UsageError` unless ``loaded`` is an ensemble whose members are the K folds of one
+    cross-validation, each once, trained on the prepared data at ``data_uri`` (same manifest).
+    """
+    from unet.artifact import LoadedModel
+
+    members = loaded.config.get("provenance", {}).get("members") or []
+    if loaded.settings.architecture != "ensemble" or not members:
+        raise UsageError(f"split '{OUT_OF_FOLD}' needs a cross-validation ensemble (jobs.train --folds K); "
+                         f"{loaded.model_id} is not an ensemble")
+    configs = [m.get("provenance", {}).get("config", {}) for m in members]
+    folds = sorted((c.get("fold"), c.get("folds")) for c in configs)
+    k = len(members)
+    if folds != [(i, k) for i in range(k)]:
+        raise UsageError(f"split '{OUT_OF_FOLD}' needs one member per fold of one K-fold cross-validation; "
+                         f"{loaded.model_id}'s members are (fold, folds) {folds}")
+    want = manifest_sha256(data_uri)
+    for m in members:
+        have = m.get("provenance", {}).get("data_manifest_sha256")
+        if have != want:
+            raise UsageError(f"member {m.get('model_id')} was trained on other prepared data ({m['provenance'].get('data')}, "
+                             f"manifest sha256 {have}) than {data_uri} ({want}): its folds would not be its held-out images")
+    out = []
+    for module, spec, member, config in zip(loaded.model.members, loaded.model.member_specs, members, configs,
+                                            strict=True):
+        settings = dataclasses.replace(loaded.settings, architecture=spec["architecture"],
+                                       input_size=tuple(spec["input_size"]), **spec["normalization"])
+        out.append((LoadedModel(module, {**spec, "provenance": member["provenance"]}, member["model_id"], settings),
+                    fold_split("val", config["fold"], config["folds"])))
+    return out
+
+
+def predict_out_of_fold(loaded: Any, data_uri: str, *, batch_size: int = 8, device: torch.device | str = "cpu",
+                        log: Any = None) -> SplitPredictions:
+    """Out-of-fold predictions of a cross-validation ensemble: each member (:func:`fold_members`) over
+    its own held-out fold, so every image of train+val is predicted once, by the model that never saw it."""
+    parts = [predict_split(member, data_uri, split, batch_size=batch_size, device=device, log=log)
+             for member, split in fold_members(loaded, data_uri)]
+    lesion = {tta: None if any(p.lesion[tta] is None for p in parts) else np.concatenate([p.lesion[tta] for p in parts])
+              for tta in (False, True)}
+    return SplitPredictions([i for p in parts for i in p.ids], [c for p in parts for c in p.classes],
+                            [t for p in parts for t in p.truths],
+                            {tta: [m for p in parts for m in p.probs[tta]] for tta in (False, True)}, lesion)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +341,7 @@ class Calibration:
     max_false_lesion_rate: float
     images: dict = field(default_factory=dict)
     manifest_sha256: str | None = None
+    by_split: dict = field(default_factory=dict)  # oof: the chosen setting scored on each prepared split's images
 
     def provenance(self, *, model_id: str, command: str | None = None) -> dict:
         """What ``config["provenance"]["calibration"]`` records."""
@@ -285,6 +355,7 @@ class Calibration:
             "objective": "mean per-image Dice over all images of the split, subject to false_lesion_rate <= "
                          "max_false_lesion_rate; ties to no TTA, no largest component, smaller min_area, lower gate",
             "chosen": self.chosen, "baseline": self.baseline,
+            **({"chosen_by_split": self.by_split} if self.by_split else {}),
             "grid": {"size": int(len(self.table)), "feasible": int(self.table["feasible"].sum()),
                      "thresholds": sorted(self.table["threshold"].unique().tolist()),
                      "min_areas": sorted(self.table["min_area"].unique().tolist()),
@@ -312,14 +383,23 @@ def calibrate(loaded: Any, data_uri: str, split: str = "val", *, max_false_lesio
               predictions: SplitPredictions | None = None) -> Calibration:
     """Choose ``loaded``'s post-processing on ``data_uri/split`` (see the module docstring).
 
-    ``predictions`` reuses a :func:`predict_split` result. Raises :class:`UsageError` for the test
+    ``split`` is a split name (:func:`unet.shards.parse_split`; not test), or ``"oof"`` for a
+    cross-validation ensemble: the out-of-fold predictions of its members (:func:`predict_out_of_fold`),
+    i.e. all of train+val, each image scored by the fold model that never saw it (nnU-Net chooses
+    its post-processing this way); the ensemble then applies the chosen setting to the members'
+    averaged probabilities. ``predictions`` reuses a :func:`predict_split` result. Raises :class:`UsageError` for the test
     split, a split without normal or lesion images, or when no candidate meets the cap (the message
     gives the lowest false-lesion rate the grid reaches).
     """
     check_split(split)
     if not 0.0 <= max_false_lesion_rate <= 1.0:
         raise ValueError(f"max_false_lesion_rate must be in [0, 1], e.g. 0.10; got {max_false_lesion_rate!r}")
-    preds = predictions or predict_split(loaded, data_uri, split, batch_size=batch_size, device=device, log=log)
+    if predictions is not None:
+        preds = predictions
+    elif split == OUT_OF_FOLD:
+        preds = predict_out_of_fold(loaded, data_uri, batch_size=batch_size, device=device, log=log)
+    else:
+        preds = predict_split(loaded, data_uri, split, batch_size=batch_size, device=device, log=log)
     limit = min_area_limit(data_uri)
     min_areas = tuple(a for a in MIN_AREAS if a <= limit)
     if log is not None:
@@ -341,9 +421,12 @@ def calibrate(loaded: Any, data_uri: str, split: str = "val", *, max_false_lesio
     images = {"images": len(preds.ids), **{c: int(counts.get(c, 0)) for c in ("benign", "malignant", "normal")}}
     if log is not None:
         log(f"searched {len(table)} settings, {int(table['feasible'].sum())} within the cap")
+    # Out of fold, the val images' scores compare with a model trained on train alone and chosen on val.
+    by_split = ({part: score_setting(preds.subset(set(split_ids(data_uri, part))), _row_setting(table.iloc[0]))
+                 for part in FOLD_SOURCES} if split == OUT_OF_FOLD else {})
     return Calibration(table=table, chosen=chosen, baseline=baseline, data_uri=data_uri, split=split,
                        max_false_lesion_rate=max_false_lesion_rate, images=images,
-                       manifest_sha256=manifest_sha256(data_uri))
+                       manifest_sha256=manifest_sha256(data_uri), by_split=by_split)
 
 
 # --------------------------------------------------------------------------------------------

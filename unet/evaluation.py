@@ -54,7 +54,7 @@ from unet.codec import decode_png, encode_mask_png
 from unet.postprocess import final_mask, image_probabilities
 from unet.runtime import ProgressLine
 from unet.settings import ModelSettings
-from unet.shards import CLASSES, manifest_sha256
+from unet.shards import CLASSES, manifest_sha256, split_shards
 from unet.statistics import summarize
 from unet.transforms import preprocess, resize_probability
 
@@ -97,31 +97,19 @@ class Sample:
     shard: str
 
 
-def _split_shards(data_uri: str, split: str) -> list[str]:
-    split_uri = storage.join(data_uri, split)
-    try:
-        shards = list(storage.iter_files(split_uri, suffixes=(".parquet",)))
-    except storage.StorageNotFoundError as e:
-        raise storage.StorageNotFoundError(
-            f"no split '{split}' in prepared data {data_uri}: {e}. Expected "
-            f"{split_uri}/part-*.parquet as written by `python -m jobs.prepare`") from e
-    if not shards:
-        raise storage.StorageNotFoundError(
-            f"no Parquet shards in {split_uri}; expected part-*.parquet as written by "
-            f"`python -m jobs.prepare`")
-    return shards
-
-
 def read_split(data_uri: str, split: str, *, ids: Iterable[str] | None = None,
                batch_rows: int = 32) -> Iterator[Sample]:
-    """Yield the decoded rows of ``data_uri/split/*.parquet`` in shard order, streaming.
+    """Yield the decoded rows of ``split`` (:func:`unet.shards.split_shards`: a prepared folder, or
+    one side of a cross-validation fold) in shard order, streaming.
 
     ``ids`` restricts the rows to those ids (used to fetch report cases). Rows are validated:
     known class, decodable 8-bit PNGs, mask the same size as the image and as ``height/width``;
     a bad row raises ``ValueError`` naming the shard and the row id.
     """
     wanted = None if ids is None else set(ids)
-    for shard in _split_shards(data_uri, split):
+    shards, groups = split_shards(data_uri, split)
+    columns = _SHARD_COLUMNS if groups is None else [*_SHARD_COLUMNS, "group"]
+    for shard in shards:
         fs, path = storage.get_filesystem(shard)
         with storage.errors(shard, "read shard"), fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
@@ -129,9 +117,10 @@ def read_split(data_uri: str, split: str, *, ids: Iterable[str] | None = None,
             if missing:
                 raise ValueError(f"{shard}: missing column(s) {missing}; is this a jobs.prepare shard "
                                  f"(columns {_SHARD_COLUMNS} ...)?")
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=_SHARD_COLUMNS):
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 for row in batch.to_pylist():
-                    if wanted is not None and row["id"] not in wanted:
+                    if (wanted is not None and row["id"] not in wanted) or (groups is not None
+                                                                             and row["group"] not in groups):
                         continue
                     yield _decode_row(row, shard)
 

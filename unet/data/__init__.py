@@ -16,13 +16,11 @@ from unet.data.dataset import (
     collate_torch,
     iter_batches,
     read_split,
-    shard_uris,
-    split_uri,
     table_to_batch,
 )
 
 __all__ = [
     "AugmentConfig", "Augmenter", "BatchTransform", "DEFAULT_SIZE", "READ_COLUMNS", "SPLITS",
     "TorchCollate", "build_augmentation", "collate_torch", "iter_batches", "read_split",
-    "sample_seed", "shard_uris", "split_uri", "table_to_batch",
+    "sample_seed", "table_to_batch",
 ]

@@ -60,13 +60,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from unet import storage
 from unet.codec import decode_png
 from unet.data.augment import AugmentConfig, Augmenter, sample_seed
-from unet.shards import SPLITS
+from unet.shards import SPLITS, split_shards
 from unet.transforms import DEFAULT_MEAN, DEFAULT_STD, normalize, resize_image, resize_mask
 
 READ_COLUMNS = ["id", "class", "image_png", "mask_png"]
@@ -195,31 +197,6 @@ def _ray_execution_index() -> int:
     return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
 
 
-def split_uri(uri: str, split: str) -> str:
-    """``URI/split``, after checking that ``split`` is one of train/val/test."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}")
-    return storage.join(uri, split)
-
-
-def shard_uris(uri: str, split: str, **storage_kw) -> list[str]:
-    """The shard URIs of one split, sorted; raises ``FileNotFoundError`` if there are none."""
-    root = split_uri(uri, split)
-    try:
-        shards = list(storage.iter_files(root, suffixes=(".parquet",), **storage_kw))
-    except storage.BucketNotFoundError:
-        raise  # already says which bucket is missing and what to check
-    except FileNotFoundError as e:
-        raise storage.StorageNotFoundError(
-            f"no prepared split at {root}: expected {root}/part-*.parquet written by "
-            f"`python -m jobs.prepare --out {uri}`") from e
-    if not shards:
-        raise storage.StorageNotFoundError(
-            f"{root} holds no .parquet shards; expected {root}/part-*.parquet written by "
-            f"`python -m jobs.prepare --out {uri}`")
-    return shards
-
-
 def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
                augment: AugmentConfig | bool | None = None, seed: int = 0,
                epoch: int | None = None, epoch_offset: int = 0, shuffle: bool | None = None,
@@ -233,7 +210,8 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
 
     Args:
         uri: prepared root (local path or ``s3://bucket/prefix``).
-        split: "train", "val" or "test".
+        split: "train", "val", "test", or one side of a cross-validation fold over train+val
+            (``"train@fold2of5"``, ``"val@fold2of5"``: :func:`unet.shards.split_shards`).
         size: training size (height, width). Default (128, 128).
         augment: ``AugmentConfig``; ``True`` = defaults; ``None``/``False`` = no augmentation.
             Default None — pass it for the train split only.
@@ -267,14 +245,17 @@ def read_split(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         shuffle = augment is not None
     storage_kw = dict(endpoint=endpoint, access_key=access_key, secret_key=secret_key,
                       region=region)
-    shards = shard_uris(uri, split, **storage_kw)
+    shards, groups = split_shards(uri, split, **storage_kw)
     fs, _ = storage.get_filesystem(uri, **storage_kw)
     paths = [storage.get_filesystem(s, **storage_kw)[1] for s in shards]
     file_shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None
-    with storage.errors(split_uri(uri, split), "read shards of", **storage_kw), \
+    with storage.errors(storage.join(uri, split), "read shards of", **storage_kw), \
             _parquet_read_plan(max_block_mib):
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=file_shuffle, num_cpus=num_cpus)
-    # Projection is pushed down into the Parquet read: height/width/group/source are never loaded.
+    if groups is not None:  # a cross-validation fold: its groups' rows of train+val
+        ds = ds.select_columns([*READ_COLUMNS, "group"]).map_batches(
+            KeepGroups(groups), batch_format="pyarrow", num_cpus=num_cpus)
+    # Projection is pushed down into the Parquet read: height/width/source are never loaded.
     ds = ds.select_columns(READ_COLUMNS)
     transform = BatchTransform(size=size, augment=augment, seed=seed, epoch=epoch, mean=mean, std=std,
                                epoch_offset=epoch_offset, oversample=oversample, normalize=normalize)
@@ -348,14 +329,14 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     transform = BatchTransform(size=size, augment=augment or None, seed=seed, epoch=epoch,
                                mean=mean, std=std, oversample=oversample, normalize=normalize)
-    shards = shard_uris(uri, split, **storage_kw)
+    shards, groups = split_shards(uri, split, **storage_kw)
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF])
     if shuffle:
         shards = [shards[i] for i in rng.permutation(len(shards))]
     pending: list[dict[str, np.ndarray]] = []
     pending_rows = 0
     for shard in shards:
-        for batch in _read_shard(shard, batch_size, storage_kw):
+        for batch in _read_shard(shard, batch_size, storage_kw, groups):
             if shuffle:
                 order = rng.permutation(len(batch["id"]))
                 batch = {k: v[order] for k, v in batch.items()}
@@ -374,16 +355,35 @@ def iter_batches(uri: str, split: str, *, size: tuple[int, int] = DEFAULT_SIZE,
         yield _concat(pending)
 
 
-def _read_shard(shard: str, batch_size: int, storage_kw: dict) -> Iterator[dict[str, np.ndarray]]:
-    """Shard rows as BatchTransform input, ``batch_size`` rows at a time (one file open at once)."""
+class KeepGroups:
+    """A ``map_batches`` step (pyarrow batches) keeping the rows whose ``group`` is one of ``groups``."""
+
+    def __init__(self, groups: frozenset[str]):
+        self.groups = pa.array(sorted(groups), pa.string())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return table.filter(pc.is_in(table.column("group"), value_set=self.groups))
+
+
+def _read_shard(shard: str, batch_size: int, storage_kw: dict,
+                groups: frozenset[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Shard rows as BatchTransform input, ``batch_size`` rows at a time (one file open at once);
+    with ``groups``, only those groups' rows."""
     fs, path = storage.get_filesystem(shard, **storage_kw)
     with storage.errors(shard, "read shard", **storage_kw), fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
         missing = [c for c in READ_COLUMNS if c not in parquet.schema_arrow.names]
         if missing:
             raise ValueError(f"{shard}: shard lacks column(s) {missing}; is it a prepared shard?")
-        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
-            yield table_to_batch(record_batch)
+        if groups is None:
+            for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
+                yield table_to_batch(record_batch)
+            return
+        keep = KeepGroups(groups)
+        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=[*READ_COLUMNS, "group"]):
+            kept = keep(pa.Table.from_batches([record_batch]))
+            if kept.num_rows:
+                yield table_to_batch(kept)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -90,6 +90,11 @@ class TrainConfig:
             (default) = ``gpu`` with ``use_gpu``, else ``cpu``.
         oversample: ``{class: n}``: each epoch shows train rows of that class n times, each copy
             augmented differently, e.g. ``{normal: 3}`` against false lesions on normal images.
+        folds, fold: K-fold cross-validation over train+val (:func:`unet.shards.split_shards`; the
+            test split never takes part). With ``fold`` k the run trains on the other folds, is
+            validated on fold k and is named ``<name>-fold<k>``; with ``folds`` alone
+            :func:`unet.training.fit_folds` trains every fold, one after the other, and writes their
+            ensemble to ``export`` (default storage/name/model). None (default) = train/val splits.
     Optimisation:
         loss (+ loss_kwargs): ``dice`` | ``bce`` | ``dice_bce``; UNet++ deep supervision is
             handled by wrapping it in ``DeepSupervisionLoss``.
@@ -136,6 +141,8 @@ class TrainConfig:
     augment: bool = True
     augment_on: str = "auto"
     oversample: dict = field(default_factory=dict)
+    folds: int | None = None
+    fold: int | None = None
     loss: str = "dice_bce"
     loss_kwargs: dict = field(default_factory=dict)
     class_loss_weight: float = 0.5
@@ -280,6 +287,10 @@ class TrainConfig:
         number("num_cpus", int, 1, allow_none=True)
         number("keep", int, 1)
         number("max_failures", int, -1)
+        number("folds", int, 2, allow_none=True)
+        number("fold", int, 0, allow_none=True)
+        if c.fold is not None and (c.folds is None or c.fold >= c.folds):
+            raise ValueError(f"{where}fold={c.fold} needs folds=K with fold < K (folds={c.folds})")
         try:
             low, high = parse_workers(c.workers)
         except ValueError as e:
@@ -313,6 +324,8 @@ class TrainConfig:
             c.model_kwargs = {"channels": SMOKE_CHANNELS, **c.model_kwargs}
         if c.name is None:
             c.name = f"smoke-{c.model}" if c.smoke_test else c.model
+        if c.fold is not None and not c.name.endswith(f"-fold{c.fold}"):
+            c.name = f"{c.name}-fold{c.fold}"
         if c.mlflow is not None:
             from unet.tracking import resolve_uri
 
@@ -325,6 +338,18 @@ class TrainConfig:
     def augment_on_device(self) -> bool:
         """True when the train split is decoded only and batches are augmented on the worker's device."""
         return self.augment_on == "gpu" or (self.augment_on == "auto" and self.use_gpu)
+
+    def split(self, part: str) -> str:
+        """The split name this run reads for ``part`` ("train" or "val"): the fold's side with ``fold`` set."""
+        from unet.shards import fold_split
+
+        return part if self.fold is None else fold_split(part, self.fold, self.folds)
+
+    def for_fold(self, fold: int) -> TrainConfig:
+        """This (cross-validation) config for one fold: named ``<name>-fold<k>``, exported into its own run."""
+        if self.folds is None:
+            raise ValueError("for_fold needs folds=K")
+        return dataclasses.replace(self, fold=fold, export=None).resolved()
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from unet import faults, storage, tracking
 from unet.autoscaling import discover_node_types
 from unet.models import build_model
 from unet.runtime import UsageError, init_ray, is_quiet, require_cuda
-from unet.shards import MANIFEST, read_manifest
+from unet.shards import MANIFEST, manifest_sha256, read_manifest
 
 from .checkpoints import check_same_run, export_best, previous_result, resume_point, run_checkpoints, run_checkpoints_of
 from .config import SMOKE_PHANTOMS, TrainConfig
@@ -130,16 +130,16 @@ def build_datasets(cfg: TrainConfig, epoch_offset: int = 0) -> dict[str, Any]:
     # A pretrained encoder expects the normalisation its weights were trained with.
     norm = build_model(cfg.model, **cfg.model_kwargs).input_normalization
     if cfg.augment_on_device:
-        decoded = read_split(cfg.data, "train", size=size, normalize=False, shuffle=False,
+        decoded = read_split(cfg.data, cfg.split("train"), size=size, normalize=False, shuffle=False,
                              max_block_mib=cfg.max_block_mib, oversample=cfg.oversample).materialize()
         train = decoded.random_shuffle(seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     else:
-        train = read_split(cfg.data, "train", size=size, augment=AugmentConfig() if cfg.augment else None,
+        train = read_split(cfg.data, cfg.split("train"), size=size, augment=AugmentConfig() if cfg.augment else None,
                            shuffle=True, seed=cfg.seed, max_block_mib=cfg.max_block_mib, oversample=cfg.oversample,
                            **norm)
     return {
         "train": continue_at(train, epoch_offset),
-        "val": read_split(cfg.data, "val", size=size, **norm).materialize(),
+        "val": read_split(cfg.data, cfg.split("val"), size=size, **norm).materialize(),
     }
 
 
@@ -339,3 +339,38 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
             import ray
 
             ray.shutdown()
+
+
+@dataclass
+class FoldsOutcome:
+    """What :func:`fit_folds` did: one :class:`FitOutcome` per fold and the ensemble of their models."""
+
+    folds: list[FitOutcome]
+    artifact: str                 # URI of the ensemble artifact (every fold's model, probabilities averaged)
+    data: str                     # the prepared data the folds were drawn from
+    seconds: float
+
+
+def fit_folds(cfg: TrainConfig, *, command: str | None = None) -> FoldsOutcome:
+    """K-fold cross-validation over train+val (``cfg.folds``): :func:`fit` each fold in turn (a fold
+    already finished is only re-exported, an interrupted one resumes), then write the ensemble of the
+    K models (float16 weights) to ``cfg.export_uri``. Calibrate it on the folds' own held-out images
+    with ``jobs.calibrate --split oof`` (:func:`unet.calibration.predict_out_of_fold`).
+    """
+    from unet.artifact import save_ensemble
+
+    t0 = time.perf_counter()
+    cfg = cfg.resolved()
+    if cfg.folds is None or cfg.fold is not None:
+        raise UsageError("fit_folds needs folds=K and no fold (one fold: fit with fold=k)")
+    if cfg.smoke_test and not cfg.data:  # one set of phantoms for all folds, so the folds partition it
+        cfg = dataclasses.replace(cfg, data=make_smoke_data(cfg))
+    outcomes = []
+    for k in range(cfg.folds):
+        logger.info("fold %d of %d (validated on val@fold%dof%d)", k + 1, cfg.folds, k, cfg.folds)
+        outcomes.append(fit(cfg.for_fold(k), command=command))
+    artifact, _, _ = save_ensemble([o.artifact for o in outcomes], cfg.export_uri, name=cfg.name,
+                                   weights_dtype="float16",
+                                   provenance={"command": command, "folds": cfg.folds, "data": cfg.data,
+                                               "data_manifest_sha256": manifest_sha256(cfg.data) if cfg.data else None})
+    return FoldsOutcome(outcomes, artifact, cfg.data, time.perf_counter() - t0)
