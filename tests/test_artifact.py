@@ -392,6 +392,15 @@ def test_round_trip_through_s3(s3_env):
         assert torch.equal(loaded.model(x), model(x))
     with pytest.raises(FileNotFoundError, match=f"{s3_env}/models/none/{CONFIG_NAME}"):
         load_artifact(f"{s3_env}/models/none")
+    # Re-saved in shards and back into one file: the other layout's files are gone from the bucket.
+    from unet import storage
+
+    files = lambda: sorted(u.rsplit("/", 1)[-1] for u in storage.iter_files(uri))  # noqa: E731
+    _save(model, uri, name="attention_unet", shard_mib=0.01)
+    sharded = files()
+    assert WEIGHTS_NAME not in sharded and len(sharded) > 2 and torch.equal(load_artifact(uri).model(x), model(x))
+    _save(model, uri, name="attention_unet")
+    assert files() == [CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_float16_storage_halves_the_file_and_loads_back_into_float32(tmp_path):
@@ -428,6 +437,12 @@ def test_large_weights_are_written_in_shards_that_load_back_exactly(tmp_path):
     # The id is a function of the weights (and their sharding): re-saving alike gives the same id.
     again = _save(loaded.model, tmp_path / "again", shard_mib=total / 3 / 2**20)
     assert load_artifact(again).model_id == loaded.model_id != load_artifact(whole).model_id
+    # Saving into the same place with another sharding leaves only the files its config lists.
+    (Path(whole) / "notes.txt").write_text("mine")
+    _save(model, whole, shard_mib=total / 3 / 2**20)
+    assert sorted(p.name for p in Path(whole).iterdir()) == sorted([*files, CONFIG_NAME, "notes.txt"])
+    _save(model, whole)
+    assert sorted(p.name for p in Path(whole).iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME, "notes.txt"])
     # A changed shard, or a config pointing outside the artifact, is refused naming the file.
     data = bytearray((sharded / files[1]).read_bytes())
     data[-1] ^= 0xFF

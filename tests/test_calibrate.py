@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -340,3 +341,26 @@ def test_min_area_never_reaches_the_size_of_real_lesions(workspace, tmp_path):
     assert min_area_limit(str(data)) == pytest.approx(9 / 2000 / 2)
     result = calibrate(load_artifact(workspace["informative"]), str(data), "val", max_false_lesion_rate=0.0)
     assert set(result.table["min_area"]) == {a for a in MIN_AREAS if a <= 9 / 2000 / 2} == {0.0, 0.0005, 0.001, 0.002}
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_calibrating_keeps_the_weights_files_as_they_were(workspace, tmp_path, monkeypatch, sharded):
+    """A model stored in one file stays in one file, a sharded one keeps its shards, whatever the
+    shard size now is: the model id hashes the files, and calibration never changes the model id."""
+    from unet import artifact, calibration
+
+    source = load_artifact(workspace["informative"])
+    shard_mib = 4 / 2**20  # 4 bytes: each of the three scalar weights in a shard of its own
+    model = save_artifact(source.model, tmp_path / "model", input_size=(32, 32), name="marker",
+                          normalization={"mean": 0.5, "std": 0.25}, shard_mib=shard_mib if sharded else math.inf)
+    monkeypatch.setattr(calibration, "SHARD_MIB", shard_mib)  # "now": even a small model would be sharded
+    before = load_artifact(model)
+    assert ("weights_shards" in before.config) == sharded
+    out = tmp_path / "calibrated"
+    code, _ = _run(calibrate_main, ["--model", str(model), "--data", workspace["data"],
+                                    "--max-false-lesion-rate", "0.25", "--out", str(out)])
+    assert code == 0
+    after = load_artifact(out)
+    assert after.model_id == before.model_id and after.config.get("weights_shards") == before.config.get("weights_shards")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in Path(model).glob("*.safetensors"))
+    assert artifact.SHARD_MIB == 16

@@ -67,6 +67,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "WEIGHTS_NAME",
     "LoadedModel",
+    "SHARD_MIB",
     "ModelSettings",
     "list_pretrained",
     "load_artifact",
@@ -364,7 +365,25 @@ def save_artifact(
     for file, data in files.items():
         _write(dest, file, data)
     _write(dest, CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    _remove_stale_weights(dest, set(files))
     return dest
+
+
+def _remove_stale_weights(dest: str, keep: set[str]) -> None:
+    """Delete weights files of an earlier save into ``dest`` (another sharding) that the new config
+    no longer lists; nothing else in ``dest`` is touched."""
+    if _is_uri(dest):
+        from . import storage
+
+        names = [uri.rsplit("/", 1)[-1] for uri in storage.iter_files(dest, suffixes=(".safetensors",))
+                 if uri.rsplit("/", 1)[0].rstrip("/") == dest.rstrip("/")]
+        remove = lambda name: storage.delete(storage.join(dest, name), missing_ok=True)  # noqa: E731
+    else:
+        names = [p.name for p in Path(dest).glob("*.safetensors")]
+        remove = lambda name: Path(dest, name).unlink(missing_ok=True)  # noqa: E731
+    for name in names:
+        if name not in keep and _SHARD_NAME.fullmatch(name):
+            remove(name)
 
 
 def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",

@@ -58,7 +58,7 @@ import torch
 from scipy import ndimage
 
 from unet import metrics as M
-from unet.artifact import ALIASES, WEIGHTS_DIR, load_artifact, save_artifact
+from unet.artifact import ALIASES, SHARD_MIB, WEIGHTS_DIR, load_artifact, save_artifact
 from unet.evaluation import iter_split_batches, predict_probabilities
 from unet.postprocess import CONNECTIVITY  # the components final_mask sees; defined once, there
 from unet.postprocess import final_mask
@@ -472,6 +472,8 @@ def write_calibrated(loaded: Any, calibration: Calibration, dest: str, *, comman
                     "calibration": calibration.provenance(model_id=loaded.model_id, command=command)},
         name=config.get("name") or config["architecture"],
         weights_dtype=config.get("weights_dtype", "float32"),
+        # The same file layout as the artifact's own, so that its model id (which hashes the files) stays.
+        shard_mib=SHARD_MIB if config.get("weights_shards") else math.inf,
     )
     with tempfile.TemporaryDirectory(prefix="unet-calibrate-") as tmp:
         scratch = load_artifact(save_artifact(loaded.model, Path(tmp) / "model", **kwargs))
