@@ -238,9 +238,8 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _weights_sha256(files: dict[str, bytes]) -> str:
+def _weights_sha256(shas: list[str]) -> str:
     """What ``model_id`` hashes: the weights file's sha256, or for shards the sha256 of their sha256s in order."""
-    shas = [_sha(b) for b in files.values()]
     return shas[0] if len(shas) == 1 else _sha("".join(shas).encode())
 
 
@@ -342,6 +341,7 @@ def save_artifact(
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous().clone()
                for k, v in state.items()}
     files = _shard_files(tensors, shard_mib)
+    shas = {f: _sha(b) for f, b in files.items()}
     config = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -353,8 +353,8 @@ def save_artifact(
         **({"weights_dtype": weights_dtype} if weights_dtype != "float32" else {}),
         **({"postprocess": check_postprocess(postprocess, where)} if postprocess else {}),
         "provenance": provenance,
-        **({"weights_shards": [{"file": f, "sha256": _sha(b)} for f, b in files.items()]} if len(files) > 1 else {}),
-        "weights_sha256": _weights_sha256(files),
+        **({"weights_shards": [{"file": f, "sha256": sha} for f, sha in shas.items()]} if len(shas) > 1 else {}),
+        "weights_sha256": _weights_sha256(list(shas.values())),
         "num_parameters": count_parameters(model),
         "unet_version": __version__,
     }
@@ -471,24 +471,25 @@ def _load_artifact(name_or_path_or_uri: str | os.PathLike, device: str) -> Loade
     model = _build(architecture, config["model_kwargs"], f"{config_path}: ")
 
     shards = config.get("weights_shards") or [{"file": WEIGHTS_NAME, "sha256": config["weights_sha256"]}]
-    tensors, files = {}, {}
+    tensors, shas = {}, []
     for shard in shards:
         if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("sha256"), str)
                 and _SHARD_NAME.fullmatch(shard["file"])):
             raise ValueError(f"{config_path}: weights_shards entry {shard!r} is not "
                              "{'file': 'model-0000i-of-0000n.safetensors', 'sha256': ...}")
         weights_path = _join(location, shard["file"])
-        files[shard["file"]] = weights = _read(location, shard["file"], shard["file"])
-        if _sha(weights) != shard["sha256"]:
+        weights = _read(location, shard["file"], shard["file"])
+        shas.append(_sha(weights))
+        if shas[-1] != shard["sha256"]:
             raise ValueError(
-                f"{weights_path}: sha256 {_sha(weights)} does not match {shard['sha256']} in "
+                f"{weights_path}: sha256 {shas[-1]} does not match {shard['sha256']} in "
                 f"{CONFIG_NAME}; the weights were changed or only partly written"
             )
         try:
             tensors.update(safetensors.torch.load(weights))
         except SafetensorError as e:
             raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
-    sha = _weights_sha256(files)
+    sha = _weights_sha256(shas)
     if sha != config["weights_sha256"]:
         raise ValueError(f"{config_path}: weights_sha256 {config['weights_sha256']} does not match its weights "
                          f"files ({sha}); the artifact was changed or only partly written")

@@ -138,23 +138,26 @@ def split_shards(uri: str, split: str, **storage_kw) -> tuple[list[str], frozens
     part, fold, folds = parse_split(split)
     if fold is None:
         return _folder_shards(uri, part, storage_kw), None
-    assignment = _fold_assignment(uri, folds, storage_kw)
     shards = [s for source in FOLD_SOURCES for s in _folder_shards(uri, source, storage_kw)]
-    keep = frozenset(g for g, f in assignment.items() if (f == fold) == (part == "val"))
-    return shards, keep
+    assignment = assign_folds(_column_rows(shards, ("group", "class"), storage_kw), folds)
+    return shards, frozenset(g for g, f in assignment.items() if (f == fold) == (part == "val"))
 
 
 def split_ids(uri: str, split: str, **storage_kw) -> list[str]:
     """The image ids of ``split`` (:func:`split_shards`), in shard order; reads only the id and group columns."""
     shards, groups = split_shards(uri, split, **storage_kw)
-    ids = []
+    return [i for i, g in _column_rows(shards, ("id", "group"), storage_kw) if groups is None or g in groups]
+
+
+def _column_rows(shards: list[str], columns: tuple[str, ...], storage_kw: dict) -> list[tuple]:
+    """Every row of ``shards`` as a tuple of ``columns`` (small columns only: ids, groups, classes)."""
+    rows: list[tuple] = []
     for shard in shards:
         fs, path = storage.get_filesystem(shard, **storage_kw)
         with storage.errors(shard, "read shard", **storage_kw), fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["id", "group"])
-        ids += [i for i, g in zip(table.column("id").to_pylist(), table.column("group").to_pylist(), strict=True)
-                if groups is None or g in groups]
-    return ids
+            table = pq.read_table(f, columns=list(columns))
+        rows += zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+    return rows
 
 
 def _folder_shards(uri: str, split: str, storage_kw: dict) -> list[str]:
@@ -170,15 +173,3 @@ def _folder_shards(uri: str, split: str, storage_kw: dict) -> list[str]:
         raise storage.StorageNotFoundError(f"no split '{split}' in prepared data {uri}: {root} holds no .parquet "
                                            f"shards; {hint}")
     return shards
-
-
-def _fold_assignment(uri: str, folds: int, storage_kw: dict) -> dict[str, int]:
-    """:func:`assign_folds` over the images of train+val (the shards' group and class columns)."""
-    rows: list[tuple[str, str]] = []
-    for source in FOLD_SOURCES:
-        for shard in _folder_shards(uri, source, storage_kw):
-            fs, path = storage.get_filesystem(shard, **storage_kw)
-            with storage.errors(shard, "read shard", **storage_kw), fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=["group", "class"])
-            rows += zip(table.column("group").to_pylist(), table.column("class").to_pylist(), strict=True)
-    return assign_folds(rows, folds)

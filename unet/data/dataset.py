@@ -375,15 +375,12 @@ def _read_shard(shard: str, batch_size: int, storage_kw: dict,
         missing = [c for c in READ_COLUMNS if c not in parquet.schema_arrow.names]
         if missing:
             raise ValueError(f"{shard}: shard lacks column(s) {missing}; is it a prepared shard?")
-        if groups is None:
-            for record_batch in parquet.iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
-                yield table_to_batch(record_batch)
-            return
-        keep = KeepGroups(groups)
-        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=[*READ_COLUMNS, "group"]):
-            kept = keep(pa.Table.from_batches([record_batch]))
-            if kept.num_rows:
-                yield table_to_batch(kept)
+        keep = None if groups is None else KeepGroups(groups)
+        columns = READ_COLUMNS if keep is None else [*READ_COLUMNS, "group"]
+        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+            rows = record_batch if keep is None else keep(pa.Table.from_batches([record_batch]))
+            if rows.num_rows:
+                yield table_to_batch(rows)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
