@@ -90,7 +90,7 @@ def competent_loop(kind: str, input_path: Path, out_file: Path, loaded, *, batch
     from unet.inference.model import mask_statistics, postprocess_probability
     from unet.models import fuse_conv_bn
     from unet.postprocess import image_probabilities
-    from unet.transforms import normalize, resize_image
+    from unet.transforms import normalize, quantize_probability, resize_image
 
     s = loaded.settings
     rule = dict(threshold=s.threshold, gate_threshold=s.gate_threshold, min_area=s.min_area,
@@ -108,7 +108,7 @@ def competent_loop(kind: str, input_path: Path, out_file: Path, loaded, *, batch
         x = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), amp:
             prob, class_prob = model.predict_proba(x, tta=s.tta)
-        prob = prob[:, 0].float().cpu().numpy()
+        prob = quantize_probability(prob[:, 0].float().cpu().numpy())  # the library's steps, as the job
         lesion, _ = image_probabilities(None if class_prob is None else class_prob.float().cpu().numpy())
         t1 = time.perf_counter()
         now = dt.datetime.now(dt.UTC)

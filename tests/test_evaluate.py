@@ -41,7 +41,7 @@ from unet.statistics import bootstrap_ci, summarize
 from unet.models import SegmentationModel, build_model
 from unet.phantoms import make_phantom
 from unet.postprocess import final_mask, image_probabilities
-from unet.transforms import preprocess, resize_probability
+from unet.transforms import preprocess, quantize_probability, resize_probability
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 benign, 3 malignant, 3 normal; sizes differ from each other and from the model's 32x32 input.
@@ -296,7 +296,7 @@ def test_evaluation_with_an_image_head_and_postprocess_flags(workspace, tmp_path
         lesion, malignant = image_probabilities(class_prob.numpy())
         assert df.loc[row.id, "lesion_probability"] == pytest.approx(float(lesion[0]), abs=1e-6)
         assert df.loc[row.id, "malignant_probability"] == pytest.approx(float(malignant[0]), abs=1e-6)
-        expected = final_mask(resize_probability(prob[0, 0].numpy(), image.shape), threshold=0.45,
+        expected = final_mask(resize_probability(quantize_probability(prob[0, 0].numpy()), image.shape), threshold=0.45,
                               lesion_probability=float(df.loc[row.id, "lesion_probability"]), gate_threshold=gate,
                               min_area=0.002, largest_component=True)
         pred = cv2.imdecode(np.frombuffer(df.loc[row.id, "pred_png"], np.uint8), cv2.IMREAD_UNCHANGED) > 0

@@ -29,6 +29,7 @@ from PIL import Image
 from unet import inference as inf
 from unet import storage
 from unet.artifact import load_artifact, save_artifact
+from unet.evaluation import predict_masks, predict_probabilities
 from unet.faults import DRILL_ENV, drill
 from unet.inference.model import postprocess
 from unet.inference.output import PIPELINE_SCHEMA, PartAssembler
@@ -38,7 +39,7 @@ from unet.models import build_model
 from unet.phantoms import generate
 from unet.postprocess import final_mask
 from unet.runtime import UsageError
-from unet.transforms import normalize, preprocess, resize_probability
+from unet.transforms import normalize, preprocess, quantize_probability, resize_probability
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_SIZE = (32, 32)
@@ -253,7 +254,7 @@ def direct_prediction(model_dir, image: np.ndarray, *, tta: bool) -> tuple[np.nd
     with torch.inference_mode():
         prob, class_prob = loaded.model.predict_proba(x, tta=tta)
     benign, malignant, normal = class_prob[0].tolist()  # unet.shards.CLASSES order
-    return resize_probability(prob[0, 0].numpy(), image.shape), 1.0 - normal, malignant
+    return resize_probability(quantize_probability(prob[0, 0].numpy()), image.shape), 1.0 - normal, malignant
 
 
 def config(model_dir, input, output, **kw) -> inf.InferenceConfig:
@@ -391,7 +392,9 @@ def test_predictor_adds_image_probabilities_from_the_head_and_nan_elsewhere(mode
     assert out["lesion_probability"].dtype == out["malignant_probability"].dtype == np.float32
     np.testing.assert_allclose(out["lesion_probability"][[0, 2]], 1 - class_prob[:, 2].numpy(), atol=1e-5)
     np.testing.assert_allclose(out["malignant_probability"][[0, 2]], class_prob[:, 1].numpy(), atol=1e-5)
-    np.testing.assert_allclose(out["prob"][[0, 2]], prob[:, 0].numpy(), atol=1e-4)
+    # Probabilities leave the actor as uint8 round(p * 255) (a quarter of float32's bytes).
+    assert out["prob"].dtype == np.uint8
+    assert np.abs(out["prob"][[0, 2]].astype(int) - quantize_probability(prob[:, 0].numpy())).max() <= 1
     assert np.isnan(out["lesion_probability"][1]) and np.isnan(out["malignant_probability"][1])
     assert not out["prob"][1].any()
 
@@ -576,17 +579,22 @@ def test_output_has_the_exact_schema_and_reads_in_pandas_duckdb_pyarrow(corpus_r
 
 
 @pytest.mark.slow
-def test_same_masks_as_calling_the_model_directly(corpus_run, model_dir):
+def test_same_masks_as_calling_the_model_directly_and_as_evaluation(corpus_run, model_dir):
     _, _, _, _, df = corpus_run
     loaded = load_artifact(model_dir)
-    for name, image in phantom_images().items():
+    images = phantom_images()
+    # jobs.evaluate's (and jobs.calibrate's) masks are the job's, pixel for pixel.
+    evaluated = predict_masks(predict_probabilities(loaded.model, list(images.values()), loaded.settings),
+                              loaded.settings)
+    for (name, image), from_evaluation in zip(images.items(), evaluated, strict=True):
         x = torch.from_numpy(preprocess(image, INPUT_SIZE, 0.5, 0.25)[None])
         with torch.inference_mode():
             prob = torch.sigmoid(loaded.model(x))[0, 0].numpy()
-        want = resize_probability(prob, image.shape) >= 0.5
+        want = resize_probability(quantize_probability(prob), image.shape) >= 0.5
         row = df[df["image_id"] == f"phantoms/deeper/{name}"].iloc[0]
         got = np.asarray(Image.open(io.BytesIO(row["mask_png"]))) == 255
         assert np.array_equal(got, want), name
+        assert np.array_equal(got, from_evaluation), name
 
 
 @pytest.mark.slow
@@ -829,3 +837,15 @@ def test_infer_then_render_round_trips_masks_to_files_that_stay_in_their_folder(
     masks = sorted(str(p.relative_to(view / "masks")) for p in (view / "masks").rglob("*.png"))
     assert len(masks) == 3 and "ok.png" in masks and all(".." not in m for m in masks)
     assert all(Image.open(view / "masks" / m).size == (14, 12) for m in masks)
+
+
+def test_probabilities_cross_as_rounded_uint8_and_resize_within_a_step():
+    prob = np.array([[0.0, 0.5 / 255, 1.5 / 255, 0.5], [0.999, 1.0, 1.2, -0.1]], np.float32)
+    assert quantize_probability(prob).tolist() == [[0, 0, 2, 128], [255, 255, 255, 0]]
+    rng = np.random.default_rng(0)
+    prob = rng.random((32, 32), dtype=np.float32)
+    full = resize_probability(quantize_probability(prob), (50, 70))
+    assert full.dtype == np.float32 and full.shape == (50, 70) and 0 <= full.min() and full.max() <= 1
+    assert np.abs(full - resize_probability(prob, (50, 70))).max() <= 1.5 / 255
+    same = resize_probability(quantize_probability(prob), (32, 32))  # same size: only the scaling
+    np.testing.assert_array_equal(same, quantize_probability(prob) / np.float32(255))

@@ -4,8 +4,9 @@ What is measured, and how (the choices a reader needs to trust a number):
 
 * Each image is predicted at the model's own input size (``loaded.settings.input_size``, normalised
   as its settings say, :func:`unet.transforms.preprocess`; averaged with the horizontal flip when the
-  settings ask for TTA); the probability map is resized back to the image's ORIGINAL size
-  (:func:`unet.transforms.resize_probability`) and turned into the final mask there by
+  settings ask for TTA); the probability map is quantised to uint8 exactly as the inference job's
+  model actor hands it on (:func:`unet.transforms.quantize_probability`), resized back to the image's
+  ORIGINAL size (:func:`unet.transforms.resize_probability`) and turned into the final mask there by
   :func:`unet.postprocess.final_mask` with the artifact's post-processing (threshold, image-level
   gate, small-component removal, largest component; each can be overridden), and scored against
   the original-size mask. So the numbers are what a user of ``jobs.infer`` gets, not a score on
@@ -56,7 +57,7 @@ from unet.runtime import ProgressLine
 from unet.settings import ModelSettings
 from unet.shards import CLASSES, manifest_sha256, split_shards
 from unet.statistics import summarize
-from unet.transforms import preprocess, resize_probability
+from unet.transforms import preprocess, quantize_probability, resize_probability
 
 __all__ = [
     "CLASSES",
@@ -176,7 +177,7 @@ def predict_probabilities(model: torch.nn.Module, images: Sequence[np.ndarray], 
     x = np.stack([preprocess(img, settings.input_size, settings.mean, settings.std) for img in images])
     with torch.inference_mode():
         prob, class_prob = model.predict_proba(torch.from_numpy(x).to(device), tta=settings.tta)
-    prob = prob[:, 0].cpu().numpy()
+    prob = quantize_probability(prob[:, 0].float().cpu().numpy())  # as the inference job's model actor
     lesion, malignant = image_probabilities(None if class_prob is None else class_prob.cpu().numpy())
     masks = [resize_probability(p, img.shape[:2]) for p, img in zip(prob, images, strict=True)]
     return Probabilities(masks, lesion, malignant)

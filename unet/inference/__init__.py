@@ -30,8 +30,9 @@ What happens to a pixel: decode with PIL, apply EXIF orientation, convert to 8-b
 :func:`unet.codec.to_grey8` for 16-bit, float, alpha, palette and CMYK), resize to the model's
 ``input_size`` and normalise as its config says (:mod:`unet.transforms`), run the model
 (:meth:`unet.models.SegmentationModel.predict_proba`: sigmoid, and softmax of the image head if
-the model has one; averaged with the horizontal flip when ``tta``), resize the probability back to
-the original size (:func:`unet.transforms.resize_probability`), then
+the model has one; averaged with the horizontal flip when ``tta``), quantise the probability to
+uint8 (:func:`unet.transforms.quantize_probability`, what the model actor hands on), resize it back
+to the original size (:func:`unet.transforms.resize_probability`), then
 :func:`unet.postprocess.final_mask` — threshold (``prob >= threshold``), empty the mask when the
 image's ``lesion_probability`` is below ``gate_threshold``, remove regions under ``min_area`` of the
 image, optionally keep the largest 8-connected component: the same rule as :mod:`unet.evaluation`

@@ -22,7 +22,7 @@ import pyarrow as pa
 from .. import faults
 from ..codec import encode_mask_png, encode_png
 from ..postprocess import final_mask, image_probabilities
-from ..transforms import normalize, resize_probability, single_threaded_opencv
+from ..transforms import normalize, quantize_probability, resize_probability, single_threaded_opencv
 from .decode import describe_error
 from .output import pipeline_schema
 
@@ -66,7 +66,8 @@ class Predictor:
     :class:`unet.export.OnnxModel` in float32 (CPU, or CUDA with ``onnxruntime-gpu``) with
     ``num_threads`` intra-op threads; the actor then never imports torch.
     ``settings`` (:class:`unet.settings.ModelSettings`) gives the normalisation and ``tta``; the
-    rows' ``x`` are already at its ``input_size``. Adds ``prob`` (model size) and, per row,
+    rows' ``x`` are already at its ``input_size``. Adds ``prob`` (model size, uint8 ``round(p * 255)``
+    from :func:`unet.transforms.quantize_probability`, as evaluation has it) and, per row,
     float32 ``lesion_probability`` (1 - p(normal)) and ``malignant_probability`` from the image
     head (:func:`unet.postprocess.image_probabilities`); NaN without a head. Rows with an error
     (and tar end markers) are passed through with an all-zero ``prob`` and NaN probabilities.
@@ -126,11 +127,12 @@ class Predictor:
         faults.maybe_crash(self.fault_drill, "infer", self.calls)
         x = batch.pop("x")
         ok = (batch["error"] == "") & (batch["_seq"] >= 0)
-        prob = np.zeros(x.shape, np.float32)
+        prob = np.zeros(x.shape, np.uint8)
         lesion = np.full(len(x), np.nan, np.float32)
         malignant = np.full(len(x), np.nan, np.float32)
         if ok.any():
-            prob[ok], class_prob = self._predict(x[ok])
+            p, class_prob = self._predict(x[ok])
+            prob[ok] = quantize_probability(p)
             p_lesion, p_malignant = image_probabilities(class_prob)
             if p_lesion is not None:
                 lesion[ok], malignant[ok] = p_lesion, p_malignant
@@ -143,12 +145,14 @@ def postprocess_probability(prob: np.ndarray, size: tuple[int, int], threshold: 
                             lesion_probability: float | None = None, gate_threshold: float | None = None,
                             min_area: float = 0.0, largest_component: bool = False
                             ) -> tuple[np.ndarray, np.ndarray]:
-    """Model-size probability -> (bool mask, probability) at the original ``size`` = (h, w).
+    """Model-size probability (uint8 from :func:`unet.transforms.quantize_probability`, as the
+    model actor hands it on, or float) -> (bool mask, float32 probability) at the original
+    ``size`` = (h, w).
 
     The mask is :func:`unet.postprocess.final_mask` of the resized probability (threshold, gate
     on ``lesion_probability``, small components, largest component), as in evaluation.
     """
-    full = resize_probability(np.ascontiguousarray(prob, dtype=np.float32), size)
+    full = resize_probability(np.ascontiguousarray(prob), size)
     mask = final_mask(full, threshold=threshold, lesion_probability=lesion_probability,
                       gate_threshold=gate_threshold, min_area=min_area, largest_component=largest_component)
     return mask, full
