@@ -79,6 +79,24 @@ def test_read_missing_file_names_uri(root):
     assert uri in str(info.value)
 
 
+def test_whole_object_helpers_use_a_file_system_the_caller_holds(s3_server, tmp_path, monkeypatch):
+    """``at=(fs, path)``: a Ray task holding the output's pickled file system reads, writes and
+    deletes with it, even where its own environment has no AWS_* settings; errors name the URI."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    uri = s3_server.create_bucket("held-fs") + "/dir/x.bin"
+    at = (s3_server.filesystem(), uri[len("s3://"):])
+    local_uri = str(tmp_path / "d" / "x.bin")
+    for uri, at in ((uri, at), (local_uri, (pafs.LocalFileSystem(), local_uri))):
+        storage.write_bytes(uri, b"payload", at=at)
+        assert storage.read_bytes(uri, at=at) == b"payload"
+        storage.delete(uri, at=at)
+        storage.delete(uri, missing_ok=True, at=at)  # gone already: no error with missing_ok
+        for op in (lambda: storage.read_bytes(uri, at=at), lambda: storage.delete(uri, at=at)):
+            with pytest.raises(storage.StorageNotFoundError, match=uri.replace(".", r"\.")):
+                op()
+
+
 def test_get_filesystem_local_and_file_scheme(tmp_path):
     fs, path = storage.get_filesystem(f"file://{tmp_path}/x")
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x"

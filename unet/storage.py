@@ -438,9 +438,17 @@ def exists(uri: str, **storage_kw) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str, **storage_kw) -> bytes:
-    """Whole content of the file at ``uri``; a transient failure is retried (:func:`retrying`)."""
-    fs, path = get_filesystem(uri, **storage_kw)
+Located = tuple[pafs.FileSystem, str]  # a file system and a path on it (get_filesystem's result)
+
+
+def read_bytes(uri: str, *, at: Located | None = None, **storage_kw) -> bytes:
+    """Whole content of the file at ``uri``; a transient failure is retried (:func:`retrying`).
+
+    ``at``: the ``(file system, path)`` that ``uri`` names, for a caller that already holds them
+    (a Ray task given the output's pickled file system, whose settings its process's environment
+    may lack); ``uri`` then only names the file in errors.
+    """
+    fs, path = at or get_filesystem(uri, **storage_kw)
 
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
@@ -455,15 +463,16 @@ def read_bytes(uri: str, **storage_kw) -> bytes:
         raise translate_error(uri, e, "read", **storage_kw) from e
 
 
-def write_bytes(uri: str, data: bytes, **storage_kw) -> None:
-    """Write ``data`` to ``uri``, replacing any existing file.
+def write_bytes(uri: str, data: bytes, *, at: Located | None = None, **storage_kw) -> None:
+    """Write ``data`` to ``uri``, replacing any existing file; a transient failure is written again.
 
     Local writes go to a temporary file that is renamed into place, so readers never see half a
     file and an interrupted run leaves no partial output; S3 uploads are atomic by nature.
-    Parent directories are created locally; on S3 the bucket must exist.
+    Parent directories are created locally; on S3 the bucket must exist (checked first, unless the
+    caller passes ``at`` as in :func:`read_bytes`: then it has checked its bucket once already).
     """
-    fs, path = get_filesystem(uri, **storage_kw)
-    if not is_s3(uri):
+    fs, path = at or get_filesystem(uri, **storage_kw)
+    if isinstance(fs, pafs.LocalFileSystem):
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -476,7 +485,8 @@ def write_bytes(uri: str, data: bytes, **storage_kw) -> None:
                 os.remove(tmp)
             raise translate_error(uri, e, "write") from e
         return
-    _raise_if_bucket_missing(fs, uri, "write", **storage_kw)
+    if at is None:
+        _raise_if_bucket_missing(fs, uri, "write", **storage_kw)
 
     def write() -> None:  # a whole object, so a transient failure is simply written again
         with fs.open_output_stream(path) as f:
@@ -497,11 +507,13 @@ def makedirs(uri: str, **storage_kw) -> None:
         fs.create_dir(path, recursive=True)
 
 
-def delete(uri: str, *, missing_ok: bool = False, **storage_kw) -> None:
-    """Delete one file (not a directory)."""
-    fs, path = get_filesystem(uri, **storage_kw)
+def delete(uri: str, *, missing_ok: bool = False, at: Located | None = None, **storage_kw) -> None:
+    """Delete one file (not a directory); a transient failure is tried again, and with
+    ``missing_ok`` a file already gone (an earlier attempt's request did delete it) is no error.
+    ``at`` as in :func:`read_bytes`."""
+    fs, path = at or get_filesystem(uri, **storage_kw)
     try:
-        fs.delete_file(path)
+        retrying(lambda: fs.delete_file(path))
     except FileNotFoundError as e:
         if not missing_ok:
             raise translate_error(uri, e, "delete", **storage_kw) from e

@@ -208,7 +208,7 @@ def write_fragments(rows: pa.Table, *, fs: pafs.FileSystem, directory: str, uri:
             sink = pa.BufferOutputStream()
             pq.write_table(data, sink)
             file = fragment_file(prefix, key, name)
-            _put(fs, f"{directory}/{file}", storage.join(uri, file), sink.getvalue().to_pybytes())
+            storage.write_bytes(storage.join(uri, file), sink.getvalue().to_pybytes(), at=(fs, f"{directory}/{file}"))
         out["_chunk"].append(key)
         out["_seqs"].append(seqs)
         out["_n"].append(int(markers.column("_n")[0].as_py()) if markers.num_rows else -1)
@@ -253,7 +253,8 @@ def assemble_part(chunk: Chunk, assigned: pa.Table, *, fs: pafs.FileSystem, frag
     pieces = []
     try:
         for fragment, file in zip(names, files):
-            rows = _read_parquet(fs, f"{fragments}/{file}", storage.join(fragments_uri, file))
+            data = storage.read_bytes(storage.join(fragments_uri, file), at=(fs, f"{fragments}/{file}"))
+            rows = pq.read_table(pa.BufferReader(data))
             mine = assigned.filter(pc.equal(assigned.column("fragment"), fragment)).column("_seq")
             pieces.append(rows.filter(pc.is_in(rows.column("_seq"), value_set=mine.combine_chunks())))
     except FileNotFoundError:
@@ -268,45 +269,10 @@ def assemble_part(chunk: Chunk, assigned: pa.Table, *, fs: pafs.FileSystem, frag
         raise RuntimeError(f"chunk {chunk.key}: its fragments hold {table.num_rows} of the {assigned.num_rows} "
                            f"rows the pipeline reported (a bug; rerun with --incremental to complete)")
     data, ok, errors = part_bytes(chunk, table.sort_by("_seq"), model_id, postprocess, input_root, dicom_columns)
-    _put(fs, path, uri, data)
+    storage.write_bytes(uri, data, at=(fs, path))
     for file in files:
-        _delete(fs, f"{fragments}/{file}", storage.join(fragments_uri, file))
+        storage.delete(storage.join(fragments_uri, file), missing_ok=True, at=(fs, f"{fragments}/{file}"))
     return ok, errors
-
-
-def _put(fs: pafs.FileSystem, path: str, uri: str, data: bytes) -> None:
-    """Write a whole file atomically with ``fs`` (locally: :func:`unet.storage.write_bytes`, a
-    temporary renamed into place; S3 publishes an object only when its upload is complete)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        storage.write_bytes(path, data)
-        return
-
-    def write() -> None:  # a whole object, so a transient failure is simply written again
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-    with storage.errors(uri, "write"):
-        storage.retrying(write)
-
-
-def _delete(fs: pafs.FileSystem, path: str, uri: str) -> None:
-    def delete() -> None:
-        try:
-            fs.delete_file(path)
-        except FileNotFoundError:  # gone already: an earlier attempt's request did delete it
-            pass
-
-    with storage.errors(uri, "delete"):
-        storage.retrying(delete)
-
-
-def _read_parquet(fs: pafs.FileSystem, path: str, uri: str) -> pa.Table:
-    def read() -> bytes:
-        with fs.open_input_file(path) as f:
-            return f.read()
-
-    with storage.errors(uri, "read"):
-        return pq.read_table(pa.BufferReader(storage.retrying(read)))
 
 
 def list_parts(fs: pafs.FileSystem, out_path: str, out_uri: str) -> list[str]:
@@ -346,7 +312,6 @@ def delete_parts(fs: pafs.FileSystem, out_path: str, out_uri: str, names: Iterab
     """Delete the named parts from the output folder; returns how many."""
     count = 0
     for name in names:
-        with storage.errors(storage.join(out_uri, name), "delete"):
-            fs.delete_file(f"{out_path}/{name}")
+        storage.delete(storage.join(out_uri, name), at=(fs, f"{out_path}/{name}"))
         count += 1
     return count
