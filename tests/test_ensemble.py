@@ -118,3 +118,24 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="ensembles do not nest"):
         Ensemble([{"architecture": "ensemble", "model_kwargs": {}, "input_size": [32, 32], "normalization": NORM}] * 2,
                  [32, 32], NORM)
+
+
+def test_an_ensemble_grows_member_by_member(tmp_path):
+    """jobs.ensemble --models <ensemble> <model>: the ensemble's members join one by one, so the result
+    is the flat ensemble of all three (each weighs a third), with one provenance entry per member."""
+    a, b, c = (_save(_member(i), tmp_path / n, size) for i, n, size in ((0, "a", (32, 32)), (1, "b", (48, 48)),
+                                                                     (2, "c", (40, 40))))
+    pair = str(tmp_path / "pair")
+    assert ensemble_job.main(["--models", a, b, "--out", pair]) == 0
+    grown, flat = str(tmp_path / "grown"), str(tmp_path / "flat")
+    assert ensemble_job.main(["--models", pair, c, "--out", grown]) == 0
+    assert ensemble_job.main(["--models", a, b, c, "--out", flat]) == 0
+    grown_config = json.loads((tmp_path / "grown" / "config.json").read_text())
+    flat_config = json.loads((tmp_path / "flat" / "config.json").read_text())
+    assert grown_config["model_kwargs"] == flat_config["model_kwargs"]
+    assert ([m["model_id"] for m in grown_config["provenance"]["members"]]
+            == [m["model_id"] for m in flat_config["provenance"]["members"]]
+            == [load_artifact(p).model_id for p in (a, b, c)])
+    x = torch.randn(2, 1, 48, 48)
+    got, want = load_artifact(grown).model.predict_proba(x), load_artifact(flat).model.predict_proba(x)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -394,7 +394,8 @@ def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",
     members, the ensemble's input size).
 
     The ensemble's provenance is ``provenance`` plus ``members``: per member the reference it was
-    loaded from, its model id, input size and its own provenance (training config, data, ...).
+    loaded from, its model id, input size and its own provenance (training config, data, ...). An
+    ensemble among ``models`` joins member by member, with its members' entries.
 
     Raises:
         ValueError: fewer than 2 models, an artifact that is not one, or members that cannot be combined.
@@ -403,8 +404,17 @@ def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",
 
     loaded = [load_artifact(m) for m in models]
     model = ensemble_of(loaded, input_size)
-    members = [{"model": str(ref), "model_id": m.model_id, "input_size": list(m.settings.input_size),
-                "provenance": m.config.get("provenance", {})} for ref, m in zip(models, loaded, strict=True)]
+    members = []
+    for ref, m in zip(models, loaded, strict=True):
+        if m.settings.architecture != "ensemble":
+            members.append({"model": str(ref), "model_id": m.model_id, "input_size": list(m.settings.input_size),
+                            "provenance": m.config.get("provenance", {})})
+            continue
+        recorded = m.config.get("provenance", {}).get("members") or []
+        if len(recorded) != len(m.model.members):  # an ensemble saved without save_ensemble's record
+            recorded = [{"model": f"{ref} member {i}", "model_id": None, "input_size": spec["input_size"],
+                         "provenance": {}} for i, spec in enumerate(m.model.member_specs)]
+        members += recorded
     written = save_artifact(model, dest, input_size=model.input_size, normalization=model.input_normalization,
                             name=name, weights_dtype=weights_dtype,
                             provenance={**(provenance or {}), "members": members})

@@ -127,20 +127,27 @@ def _split(out):
 
 def ensemble_of(loaded: Sequence, input_size: Sequence[int] | None = None) -> Ensemble:
     """An :class:`Ensemble` of loaded artifacts (:class:`unet.artifact.LoadedModel`), with their
-    weights, in eval mode. ``input_size`` defaults to the largest member's, the input
-    normalisation is the first member's.
+    weights, in eval mode. An artifact that is itself an ensemble joins member by member (so an
+    ensemble grows by one model: every member weighs the same). ``input_size`` defaults to the
+    largest member's, the input normalisation is the first member's.
 
     Raises:
         ValueError: fewer than 2 models, or models that cannot be combined (see :class:`Ensemble`).
     """
     if len(loaded) < 2:
         raise ValueError(f"an ensemble needs at least 2 models; got {len(loaded)}")
+    parts = []  # (spec, module with the weights)
+    for m in loaded:
+        if isinstance(m.model, Ensemble):
+            parts += zip(m.model.member_specs, m.model.members, strict=True)
+        else:
+            parts.append(({"architecture": m.settings.architecture, "model_kwargs": m.config["model_kwargs"],
+                           "input_size": list(m.settings.input_size),
+                           "normalization": {"mean": m.settings.mean, "std": m.settings.std}}, m.model))
+    specs = [spec for spec, _ in parts]
     if input_size is None:
-        input_size = max((m.settings.input_size for m in loaded), key=lambda s: s[0] * s[1])
-    specs = [{"architecture": m.settings.architecture, "model_kwargs": m.config["model_kwargs"],
-              "input_size": list(m.settings.input_size),
-              "normalization": {"mean": m.settings.mean, "std": m.settings.std}} for m in loaded]
+        input_size = max((spec["input_size"] for spec in specs), key=lambda s: s[0] * s[1])
     model = Ensemble(specs, input_size, specs[0]["normalization"])
-    for member, m in zip(model.members, loaded, strict=True):
-        member.load_state_dict(m.model.state_dict())
+    for member, (_, module) in zip(model.members, parts, strict=True):
+        member.load_state_dict(module.state_dict())
     return model.eval()
