@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         provenance={"command": shlex.join(["python", "-m", "jobs.ensemble", *argv])})
     except ValueError as e:  # an artifact that is not one, or members that cannot be combined
         raise UsageError(str(e)) from e
-    print(f"[ensemble] {len(loaded)} members: {', '.join(m.model_id for m in loaded)}; input size "
+    count = sum(len(m.model.members) if m.settings.architecture == "ensemble" else 1 for m in loaded)
+    print(f"[ensemble] {count} members, from {', '.join(m.model_id for m in loaded)}; input size "
           f"{size[0]}x{size[1]}", flush=True)
     print(written, flush=True)  # last line: the artifact, for scripts to pick up
     return 0

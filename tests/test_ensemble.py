@@ -120,7 +120,7 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, capsys):
                  [32, 32], NORM)
 
 
-def test_an_ensemble_grows_member_by_member(tmp_path):
+def test_an_ensemble_grows_member_by_member(tmp_path, capsys):
     """jobs.ensemble --models <ensemble> <model>: the ensemble's members join one by one, so the result
     is the flat ensemble of all three (each weighs a third), with one provenance entry per member."""
     a, b, c = (_save(_member(i), tmp_path / n, size) for i, n, size in ((0, "a", (32, 32)), (1, "b", (48, 48)),
@@ -128,7 +128,9 @@ def test_an_ensemble_grows_member_by_member(tmp_path):
     pair = str(tmp_path / "pair")
     assert ensemble_job.main(["--models", a, b, "--out", pair]) == 0
     grown, flat = str(tmp_path / "grown"), str(tmp_path / "flat")
+    capsys.readouterr()
     assert ensemble_job.main(["--models", pair, c, "--out", grown]) == 0
+    assert capsys.readouterr().out.startswith("[ensemble] 3 members, from ")
     assert ensemble_job.main(["--models", a, b, c, "--out", flat]) == 0
     grown_config = json.loads((tmp_path / "grown" / "config.json").read_text())
     flat_config = json.loads((tmp_path / "flat" / "config.json").read_text())
