@@ -97,6 +97,30 @@ def test_whole_object_helpers_use_a_file_system_the_caller_holds(s3_server, tmp_
                 op()
 
 
+def test_a_delete_whose_answer_was_lost_is_not_an_error_on_its_retry(tmp_path, monkeypatch):
+    """The store deletes the file, then the connection breaks before the answer: the retry finds
+    no file, which means done, not "no such file"."""
+    monkeypatch.setattr(storage, "RETRY_DELAY_S", 0.0)
+    local = pafs.LocalFileSystem()
+
+    class AnswerLost:  # a real local delete whose reply is lost once
+        calls = 0
+
+        def delete_file(self, path):
+            self.calls += 1
+            local.delete_file(path)  # raises FileNotFoundError once the file is gone
+            if self.calls == 1:
+                raise OSError("connection reset by peer")
+
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"x")
+    fs = AnswerLost()
+    storage.delete(str(path), at=(fs, str(path)))
+    assert fs.calls == 2 and not path.exists()
+    with pytest.raises(storage.StorageNotFoundError):  # gone before the first attempt: an error
+        storage.delete(str(path), at=(AnswerLost(), str(path)))
+
+
 def test_get_filesystem_local_and_file_scheme(tmp_path):
     fs, path = storage.get_filesystem(f"file://{tmp_path}/x")
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x"

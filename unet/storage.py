@@ -508,12 +508,23 @@ def makedirs(uri: str, **storage_kw) -> None:
 
 
 def delete(uri: str, *, missing_ok: bool = False, at: Located | None = None, **storage_kw) -> None:
-    """Delete one file (not a directory); a transient failure is tried again, and with
-    ``missing_ok`` a file already gone (an earlier attempt's request did delete it) is no error.
-    ``at`` as in :func:`read_bytes`."""
+    """Delete one file (not a directory); a transient failure is tried again. A file that is gone
+    is an error unless ``missing_ok``, except on a second attempt: then the first attempt's request
+    did delete it before its answer was lost. ``at`` as in :func:`read_bytes`."""
     fs, path = at or get_filesystem(uri, **storage_kw)
+    attempts = 0
+
+    def attempt() -> None:
+        nonlocal attempts
+        attempts += 1
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            if attempts == 1:
+                raise
+
     try:
-        retrying(lambda: fs.delete_file(path))
+        retrying(attempt)
     except FileNotFoundError as e:
         if not missing_ok:
             raise translate_error(uri, e, "delete", **storage_kw) from e
