@@ -174,7 +174,7 @@ def mask_statistics(mask: np.ndarray, prob: np.ndarray) -> dict:
 def encode_probability_png(prob: np.ndarray) -> bytes:
     """(H, W) probabilities in [0, 1] -> 8-bit grey PNG of ``round(prob * 255)`` (value / 255 gives
     the probability back to within 1/510)."""
-    return encode_png(np.rint(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8))
+    return encode_png(quantize_probability(prob))
 
 
 def postprocess(batch: dict[str, np.ndarray], *, mask_rule: dict, model_id: str,
