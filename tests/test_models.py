@@ -278,12 +278,14 @@ def test_fused_inference_copy_gives_the_same_logits_without_batchnorm(name):
 # --- pretrained encoder and image-level head -------------------------------------------------------
 
 ENCODER = {"encoder": "efficientnet_lite0", "channels": (4, 8, 8, 16, 16)}
+ENCODERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 @pytest.mark.parametrize("name", ["unet", "attention_unet"])
 @pytest.mark.parametrize("size", [(64, 64), (50, 71)])
-def test_encoder_unet_any_size_and_every_parameter_trains(name, size):
-    model = build_model(name, **ENCODER)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_unet_any_size_and_every_parameter_trains(name, size, encoder):
+    model = build_model(name, **{**ENCODER, "encoder": encoder})
     x = torch.rand(2, 1, *size)
     logits = model(x)
     assert logits.shape == (2, 1, *size)

