@@ -51,14 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from unet.artifact import save_ensemble
 
     try:
-        written, loaded, size = save_ensemble(args.models, args.out, name=args.name, input_size=args.input_size,
+        written, loaded, model = save_ensemble(args.models, args.out, name=args.name, input_size=args.input_size,
                                         weights_dtype=args.weights_dtype,
                                         provenance={"command": shlex.join(["python", "-m", "jobs.ensemble", *argv])})
     except ValueError as e:  # an artifact that is not one, or members that cannot be combined
         raise UsageError(str(e)) from e
-    count = sum(len(m.model.members) if m.settings.architecture == "ensemble" else 1 for m in loaded)
-    print(f"[ensemble] {count} members, from {', '.join(m.model_id for m in loaded)}; input size "
-          f"{size[0]}x{size[1]}", flush=True)
+    height, width = model.input_size
+    print(f"[ensemble] {len(model.members)} members, from {', '.join(m.model_id for m in loaded)}; input size "
+          f"{height}x{width}", flush=True)
     print(written, flush=True)  # last line: the artifact, for scripts to pick up
     return 0
 

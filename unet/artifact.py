@@ -388,10 +388,10 @@ def _remove_stale_weights(dest: str, keep: set[str]) -> None:
 
 def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",
                   input_size: Sequence[int] | None = None, weights_dtype: str = "float32",
-                  provenance: dict | None = None) -> tuple[str, list[LoadedModel], tuple[int, int]]:
+                  provenance: dict | None = None) -> tuple[str, list[LoadedModel], nn.Module]:
     """Load the artifacts ``models`` (names, directories or URIs) and save the ensemble that averages
     them (:func:`unet.models.ensemble.ensemble_of`) at ``dest``; returns (``dest``, the loaded
-    members, the ensemble's input size).
+    artifacts, the :class:`~unet.models.ensemble.Ensemble` saved).
 
     The ensemble's provenance is ``provenance`` plus ``members``: per member the reference it was
     loaded from, its model id, input size and its own provenance (training config, data, ...). An
@@ -418,7 +418,7 @@ def save_ensemble(models: Sequence[str], dest: str, *, name: str = "ensemble",
     written = save_artifact(model, dest, input_size=model.input_size, normalization=model.input_normalization,
                             name=name, weights_dtype=weights_dtype,
                             provenance={**(provenance or {}), "members": members})
-    return written, loaded, tuple(model.input_size)
+    return written, loaded, model
 
 
 def _parse_config(data: bytes, config_path: str) -> tuple[dict, ModelSettings]:
