@@ -95,6 +95,21 @@ def test_cli_bad_setting_is_one_line_exit_2():
     assert proc.stderr.strip().count("\n") == 0 and "unknown setting 'nope'" in proc.stderr
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    ([], "no training data: pass --data"),
+    (["--data", "runs/anything", "--model-kwargs", "{encoder: efficientnet_lite9}"],
+     "unknown encoder 'efficientnet_lite9'; valid names: efficientnet_lite0, efficientnet_lite1"),
+    (["--data", "runs/anything", "--model-kwargs", "{chanels: [8, 16]}"], "unexpected argument(s) chanels"),
+])
+def test_cli_no_data_or_a_model_that_cannot_be_built_is_refused_before_ray_starts(argv, fragment, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--storage", str(tmp_path), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and fragment in proc.stderr, proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # refused before Ray started
+
+
 def test_help_lists_the_options():
     text = build_parser().format_help()
     for flag in ("--data", "--model", "--loss", "--optimizer", "--schedule", "--warmup-epochs",

@@ -121,9 +121,6 @@ def build_datasets(cfg: TrainConfig, epoch_offset: int = 0) -> dict[str, Any]:
 
     from unet.data import AugmentConfig, read_split
 
-    if not cfg.data:
-        raise UsageError("no training data: pass --data URI of prepared shards (jobs.prepare), "
-                         "or --smoke-test to generate phantoms")
     if cfg.oversample:
         _check_classes(cfg.data, cfg.oversample)
     size = tuple(cfg.image_size)
@@ -272,6 +269,23 @@ class FitOutcome:
     seconds: float
 
 
+def check_runnable(cfg: TrainConfig) -> None:
+    """Refuse, before Ray starts, a resolved config that names no data or a model that cannot be built.
+
+    Raises:
+        UsageError: no ``data`` (and no smoke test), or ``model``/``model_kwargs`` that
+            :func:`unet.models.build_model` refuses (unknown argument or encoder, bad value).
+    """
+    if not cfg.data and not cfg.smoke_test:
+        raise UsageError("no training data: pass --data URI of prepared shards (jobs.prepare), "
+                         "or --smoke-test to generate phantoms")
+    try:
+        build_model(cfg.model, **cfg.model_kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UsageError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {message}") from e
+
+
 def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
     """Train (or resume, or just re-export) the run described by ``cfg``; export the best model.
 
@@ -280,6 +294,7 @@ def fit(cfg: TrainConfig, *, command: str | None = None) -> FitOutcome:
     """
     t0 = time.perf_counter()
     cfg = cfg.resolved()
+    check_runnable(cfg)
     command = command or shlex.join([os.path.basename(sys.executable), *sys.argv])
     started = init_ray(cfg.address, cfg.num_cpus)
     tracker = tracking.NoRun()
@@ -363,6 +378,7 @@ def fit_folds(cfg: TrainConfig, *, command: str | None = None) -> FoldsOutcome:
     cfg = cfg.resolved()
     if cfg.folds is None or cfg.fold is not None:
         raise UsageError("fit_folds needs folds=K and no fold (one fold: fit with fold=k)")
+    check_runnable(cfg)
     if cfg.smoke_test and not cfg.data:  # one set of phantoms for all folds, so the folds partition it
         cfg = dataclasses.replace(cfg, data=make_smoke_data(cfg))
     outcomes = []
