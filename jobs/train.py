@@ -98,6 +98,8 @@ _FLAGS: list[tuple[str, dict]] = [
     ("placement-strategy", dict(choices=PLACEMENT_STRATEGIES,
                                 help="how workers are placed on nodes")),
     ("amp", dict(choices=tuple(AMP_DTYPES), help="mixed precision (fp16: GPU only)")),
+    ("ema-decay", dict(type=float, help="validate and export an exponential moving average of the weights, "
+                       "updated every step with this decay (e.g. 0.99); default: none")),
     ("seed", dict(type=int, help="seed for weights, augmentation and shuffling")),
     ("storage", dict(metavar="URI", help="where runs live: local dir or s3://bucket/prefix")),
     ("name", dict(help="run name; the run is <storage>/<name> (default: the model name)")),

@@ -81,6 +81,8 @@ def test_toml_config_and_shipped_examples_parse(tmp_path):
     (["--set", "batch_size=2.5"], "batch_size=2.5 must be a whole number"),
     (["--warmup-epochs", "5", "--epochs", "5"], "warmup_epochs=5 must be < epochs=5"),
     (["--max-block-mib", "0"], "max_block_mib=0.0 must be > 0.0"),
+    (["--ema-decay", "1"], "ema_decay=1.0 must be < 1"),
+    (["--ema-decay", "0"], "ema_decay=0.0 must be > 0.0"),
 ])
 def test_bad_settings_name_the_setting(argv, fragment):
     with pytest.raises(ValueError, match=None) as info:
@@ -509,6 +511,55 @@ def test_resumed_train_split_continues_the_augmentation_sequence(two_node_cluste
     assert not all(np.array_equal(resumed[i], first[i]) for i in first)
 
 
+def _score_val_in_one_process(model, data: str) -> dict:
+    """unet.training.evaluate over the whole val split, one image per forward, one thread."""
+    from unet.data import collate_torch, iter_batches
+    from unet.training import evaluate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batches = (collate_torch(b) for b in iter_batches(data, "val", size=(32, 32), batch_size=1))
+        return evaluate(model, batches, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_weight_average_is_validated_exported_and_resumed(two_node_cluster, phantom_data, tmp_path):
+    """--ema-decay: the 2-rank validation scores the moving average (one process scoring the
+    exported weights gets the same counts), the artifact holds the average, and a resumed run
+    keeps averaging from the saved average."""
+    from unet.artifact import load_artifact
+
+    def flat(state: dict) -> torch.Tensor:
+        return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
+
+    # decay 0.999 over a few dozen steps: the average stays close to where it started
+    cfg = _config(phantom_data, str(tmp_path), "ema", ema_decay=0.999, val_batch_size=1)
+    outcome = fit(cfg)
+    best = torch.load(tmp_path / "ema" / f"epoch-{outcome.best_epoch:04d}" / CHECKPOINT_FILE, weights_only=True)
+    assert set(best["ema_model"]) == set(best["model"])
+    assert not torch.equal(flat(best["ema_model"]), flat(best["model"]))
+    exported = load_artifact(outcome.artifact).model
+    assert all(torch.equal(v, best["ema_model"][k]) for k, v in exported.state_dict().items())
+    overall = _score_val_in_one_process(exported, phantom_data)["overall"].compute()
+    reported = next(r for r in outcome.history if r["epoch"] == outcome.best_epoch)
+    assert [overall["tp"], overall["fp"], overall["fn"], overall["tn"]] == reported["val_counts"]
+
+    with pytest.raises(UsageError, match=r"ema_decay: 0.999 -> 0.9"):
+        fit(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 3, "ema_decay": 0.9}, source="test"))
+    second = torch.load(tmp_path / "ema" / "epoch-0002" / CHECKPOINT_FILE, weights_only=True)  # the latest
+    resumed = fit(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 3}, source="test"))
+    assert resumed.start_epoch == 3 and resumed.history[:2] == outcome.history
+    third = torch.load(tmp_path / "ema" / "epoch-0003" / CHECKPOINT_FILE, weights_only=True)
+    # Averaging went on from epoch 2's average; an average started afresh on resuming would sit
+    # next to the trained weights instead.
+    from_average = (flat(third["ema_model"]) - flat(second["ema_model"])).norm()
+    from_weights = (flat(third["ema_model"]) - flat(second["model"])).norm()
+    assert from_average < 0.2 * from_weights
+
+
 @pytest.mark.slow
 def test_two_rank_validation_equals_single_process(trained_run, phantom_data):
     """The val counts the 2-rank job reported for its best epoch (each rank scoring its share of
@@ -516,18 +567,9 @@ def test_two_rank_validation_equals_single_process(trained_run, phantom_data):
     exported weights. One image per forward and one thread on both sides, so equal weights give
     bit-identical logits and any difference is in the distributed bookkeeping."""
     from unet.artifact import load_artifact
-    from unet.data import collate_torch, iter_batches
-    from unet.training import evaluate
 
     cfg, outcome, _ = trained_run
-    model = load_artifact(outcome.artifact).model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        batches = (collate_torch(b) for b in iter_batches(phantom_data, "val", size=(32, 32), batch_size=1))
-        single = evaluate(model, batches, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    single = _score_val_in_one_process(load_artifact(outcome.artifact).model, phantom_data)
     overall = single["overall"].compute()
     reported = next(r for r in outcome.history if r["epoch"] == outcome.best_epoch)
     assert overall["images"] == len(_val_ids(phantom_data)) == reported["val_images"]

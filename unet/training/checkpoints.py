@@ -49,7 +49,7 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's index of a 
 # Fields that define *what* is trained: resuming a run with different values would silently mix
 # two experiments (or fail deep inside load_state_dict), so fit() refuses with a clear message.
 # The optimiser too: another optimiser cannot take over the saved one's state (moments, momentum).
-IDENTITY_FIELDS = ("data", "model", "model_kwargs", "image_size", "loss", "loss_kwargs", "optimizer")
+IDENTITY_FIELDS = ("data", "model", "model_kwargs", "image_size", "loss", "loss_kwargs", "optimizer", "ema_decay")
 # Settings a resumed run may change: the restored optimiser takes the new values (not the saved
 # ones) and the first epoch trained with them records the change in the history.
 RESUMABLE_FIELDS = ("lr", "weight_decay", "momentum")
@@ -220,7 +220,7 @@ def export_best(cfg: TrainConfig, result, *, command: str | None = None,
     best_ckpt, best_metrics, best = best_checkpoint(result, cfg.monitor)
     latest = resume_point(run_checkpoints_of(result)).state or best
     model = build_model(cfg.model, **cfg.model_kwargs)
-    model.load_state_dict(best["model"])
+    model.load_state_dict(best.get("ema_model") or best["model"])  # what was validated
     history = latest.get("history", best.get("history", []))
     best_metrics = {k: v for k, v in best_metrics.items() if k not in ("worker_nodes",)}
     provenance = {

@@ -105,6 +105,10 @@ class TrainConfig:
             ``warmup_epochs`` of linear warm-up; stepped once per epoch.
         epochs, batch_size (per worker), val_batch_size (default batch_size), seed.
         amp: ``none`` | ``bf16`` | ``fp16`` (fp16 needs a GPU; bf16 also works on CPU).
+        ema_decay: keep an exponential moving average of the weights (and BatchNorm statistics),
+            updated after every optimiser step with this decay (torch's ``AveragedModel``;
+            e.g. 0.99 averages over ~100 steps); validation, the best checkpoint and the exported
+            model are the average's. None (default) = the trained weights themselves.
     Cluster:
         workers: N, or ``"N-M"`` for an elastic worker group.
         use_gpu, cpus_per_worker (None = planned, see :func:`plan_resources`), gpus_per_worker,
@@ -158,6 +162,7 @@ class TrainConfig:
     val_batch_size: int | None = None
     seed: int = 0
     amp: str = "none"
+    ema_decay: float | None = None
     workers: int | str = 2
     use_gpu: bool = False
     cpus_per_worker: float | None = None
@@ -309,6 +314,9 @@ class TrainConfig:
             c.mlflow = None
         if c.mlflow is not None and not isinstance(c.mlflow, (bool, str)):
             raise ValueError(f"{where}mlflow={c.mlflow!r} must be a tracking URI, true (the default store) or false")
+        number("ema_decay", float, 0.0, allow_none=True, strict=True)
+        if c.ema_decay is not None and c.ema_decay >= 1.0:
+            raise ValueError(f"{where}ema_decay={c.ema_decay!r} must be < 1 (e.g. 0.99), or none for no average")
         if c.data is not None:
             c.data = str(c.data)
         return c

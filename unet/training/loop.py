@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from unet import faults
 from unet.metrics import MetricAccumulator, auroc, scores_from_counts
@@ -65,14 +66,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
                     optimizer: torch.optim.Optimizer, device: torch.device, cfg: TrainConfig,
                     scaler: torch.amp.GradScaler | None = None,
                     seen: list[str] | None = None,
-                    on_device: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-                    ) -> tuple[float, int, float]:
+                    on_device: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    ema: AveragedModel | None = None) -> tuple[float, int, float]:
     """One pass over this rank's batches; returns (sum of per-image loss, images, seconds spent
     waiting for the next batch) on this rank. A large wait means the input pipeline, not the
     model, sets the pace (give Ray Data more CPUs: ``--data-cpus``, or ``augment_on="gpu"``).
     ``seen``, if given, receives :func:`sample_fingerprints` of every batch's model input.
     ``on_device(image, mask, step=k)``, if given, turns batch ``k`` into model inputs once on the
-    device (``augment_on="gpu"``: :class:`unet.data.gpu_augment.DeviceTransform`)."""
+    device (``augment_on="gpu"``: :class:`unet.data.gpu_augment.DeviceTransform`). ``ema``, if
+    given, averages the weights after every optimiser step (``cfg.ema_decay``)."""
     model.train()
     loss_sum, images, wait_s = 0.0, 0, 0.0
     it = iter(batches)
@@ -108,6 +110,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(_unwrap(model))
         loss_sum += value * x.shape[0]
         images += x.shape[0]
     return loss_sum, images, wait_s
@@ -404,6 +408,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         history = list(state.get("history", []))
         commands = list(state.get("commands", []))
     model = ray.train.torch.prepare_model(model)
+    ema = None
+    if cfg.ema_decay is not None:  # the average of the weights is what is validated and exported
+        ema = AveragedModel(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if state is not None and "ema_model" in state:
+            ema.module.load_state_dict(state["ema_model"])
+            ema.n_averaged.fill_(1)  # averaging goes on from the saved average, not from a fresh copy
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -453,13 +463,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         seen: list[str] = []
         loss_sum, n_images, wait_s = train_one_epoch(
             model, train_batches, loss_fn, optimizer, device, cfg, scaler, seen=seen,
-            on_device=functools.partial(to_model, epoch=epoch) if to_model is not None else None)
+            on_device=functools.partial(to_model, epoch=epoch) if to_model is not None else None, ema=ema)
         samples = samples_digest(f for rank_seen in _gather(seen) for f in rank_seen)
         train_s = time.perf_counter() - t0
         scheduler.step()
         val_batches = val_shard.iter_torch_batches(batch_size=val_batch_size, collate_fn=collate_torch)
         accs, (loss_sum, n_images, train_s_sum, wait_s_sum), images = validate(
-            model, val_batches, device, cfg, extra=[loss_sum, n_images, train_s, wait_s])
+            ema.module if ema is not None else model, val_batches, device, cfg,
+            extra=[loss_sum, n_images, train_s, wait_s])
         faults.maybe_crash(loop_config.get("fault_drill"), "train", epoch, rank, before_exit=_committed)
         epoch_s = time.perf_counter() - t0
         record = {
@@ -487,6 +498,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 write_checkpoint(tmp, {
                     "model": _unwrap(model).state_dict(),
+                    **({"ema_model": ema.module.state_dict()} if ema is not None else {}),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else {},
