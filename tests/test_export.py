@@ -142,7 +142,7 @@ def test_graph_has_dynamic_batch_and_size_and_the_settings_in_its_metadata(expor
 @pytest.mark.parametrize("name", ["busi-effunet", "busi"])
 def test_pretrained_models_export_and_match_on_real_shaped_images(name, seeded_one_thread):
     """The shipped BUSI models: ``busi-effunet`` (EfficientNet-Lite0 encoder, image head, TTA) and
-    ``busi`` (the ensemble of it, a second run and busi-unet at 128 px, each resized to its own
+    ``busi`` (the ensemble of it, two more runs and busi-unet at 128 px, each resized to its own
     size inside the graph) on phantom scans preprocessed as inference does; the single model also
     at a BUSI scan's own size, which the ensemble's fixed-size graph refuses in one line."""
     loaded = load_artifact(name)

@@ -155,7 +155,7 @@ def _write(location: str, name: str, data: bytes) -> None:
 
 # Names that always load the recommended shipped model of a dataset; old names stay loadable, so
 # runs that named them reproduce.
-ALIASES = {"busi": "busi-ensemble"}
+ALIASES = {"busi": "busi-ensemble-v2"}
 
 
 def list_pretrained() -> list[str]:
